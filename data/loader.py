@@ -1,0 +1,451 @@
+"""Packed loaders: fixed-shape (B, L) CPU batches of whole documents.
+
+A row holds whole documents `<cls> residues <eos>` back to back, right-padded with <pad>.
+Rows are filled first-fit from a window of the next WINDOW documents, which keeps padding
+small without reading ahead more than a few rows. A document longer than L becomes
+`<cls> window of L-2 residues <eos>`: a random window (crop="random", ESM2) or every
+consecutive window (crop="split", each chunk its own document), so rows never hold a
+document without its <cls> and <eos>.
+
+Training epochs: the file order is drawn from (seed, epoch); inside a file the documents are
+permuted by (seed, epoch, file) and rank r takes every world_size-th one from position r, so
+ranks never share a document within an epoch and together cover every document.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from data.masking import IGNORE, MaskingConfig, benchmark_mask_positions, mask_tokens
+from data.shards import document_bounds, read_shard
+from data.tokenizer import CLS, EOS, MASK, PAD
+
+# Masking runs on chunks of rows below torch's parallel grain (32,768 elements), so the
+# background thread never opens an OpenMP region: on cores busy with the training step such
+# regions were measured 10-40x slower than the same work done inline (data/bench.py).
+MASK_CHUNK_ELEMENTS = 16384
+WINDOW = 64  # documents considered when filling a row; larger = less padding, more reordering
+MIN_DOC = 3  # <cls> residue <eos>: a row with less room left than this is closed
+STATE_VERSION = 1
+
+# A piece is one document as packed: (file id, offset of its first residue, residue count[, g]).
+
+
+def take_row(pending: list, seq_len: int) -> tuple[list, int]:
+    """Remove from `pending` the pieces of one row, first fit in window order; return them and
+    the room left (padding). The window's head always goes first, so nothing starves."""
+    row, kept, room = [], [], seq_len
+    for i, piece in enumerate(pending):
+        if room < MIN_DOC:
+            kept += pending[i:]
+            break
+        if piece[2] + 2 <= room:
+            row.append(piece)
+            room -= piece[2] + 2
+        else:
+            kept.append(piece)
+    pending[:] = kept
+    return row, room
+
+
+def _write_row(tokens: np.ndarray, docs: np.ndarray, r: int, row: list, sources: dict) -> list:
+    """Lay the row's pieces into row r; return each piece's offset of its first residue."""
+    o, offsets = 0, []
+    for k, (f, s, n, *_) in enumerate(row):
+        tokens[r, o] = CLS
+        tokens[r, o + 1 : o + 1 + n] = sources[f][s : s + n]
+        tokens[r, o + 1 + n] = EOS
+        docs[r, o : o + n + 2] = k
+        offsets.append(o + 1)
+        o += n + 2
+    return offsets
+
+
+def _empty(batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.full((batch_size, seq_len), PAD, np.uint8),
+        np.full((batch_size, seq_len), -1, np.int64),
+    )
+
+
+def _tokens(path) -> np.ndarray:
+    """A validated shard's tokens as a plain ndarray view of the map (slicing a np.memmap
+    subclass costs several microseconds per document)."""
+    return np.asarray(read_shard(path))
+
+
+def _open(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, starts, ends) of a validated shard."""
+    tokens = _tokens(path)
+    return (tokens, *document_bounds(tokens, path))
+
+
+class _OpenFile(NamedTuple):
+    epoch: int
+    fid: int
+    starts: np.ndarray
+    ends: np.ndarray
+    mine: np.ndarray  # this rank's documents of the file, in reading order
+    offsets: np.ndarray  # random-crop offsets of every document
+
+
+class _Sources(dict):
+    """File id -> tokens, opening a shard on first use (a restored state may name any file)."""
+
+    def __init__(self, files):
+        super().__init__()
+        self.files = files
+
+    def __missing__(self, fid: int) -> np.ndarray:
+        self[fid] = tokens = _tokens(self.files[fid])
+        return tokens
+
+    def keep_only(self, live: set):
+        for fid in [k for k in self if k not in live]:
+            del self[fid]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Packer:
+    """The deterministic producer behind TrainLoader; its whole position is `state()`."""
+
+    def __init__(self, files, batch_size, seq_len, rank, world_size, seed, crop):
+        self.files, self.B, self.L = list(files), batch_size, seq_len
+        self.rank, self.world, self.seed, self.crop = rank, world_size, seed, crop
+        self.epoch = self.file_pos = self.cursor = 0
+        self.batches = self.pad_tokens = self.total_tokens = 0
+        self.pending: list[tuple] = []
+        self._sources = _Sources(self.files)
+        self._file: _OpenFile | None = None
+        self._order = None  # (epoch, file order of that epoch)
+
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "file_pos": self.file_pos,
+            "cursor": self.cursor,
+            "pending": [list(p) for p in self.pending],
+            "batches": self.batches,
+            "pad_tokens": self.pad_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+    def load(self, s: dict):
+        for k in ("epoch", "file_pos", "cursor", "batches", "pad_tokens", "total_tokens"):
+            setattr(self, k, int(s[k]))
+        self.pending = [tuple(p) for p in s["pending"]]
+        self._file = None
+
+    def rank_documents(self, epoch: int, fid: int, n_docs: int) -> np.ndarray:
+        """This rank's documents of file `fid` in `epoch`, in reading order: a permutation drawn
+        from (seed, epoch, file), the same on every rank, of which rank r takes r, r+W, ..."""
+        perm = np.random.default_rng([self.seed, epoch, fid, 0]).permutation(n_docs)
+        return perm[self.rank :: self.world]
+
+    def _current_file(self):
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (
+                self.epoch,
+                np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files)),
+            )
+        fid = int(self._order[1][self.file_pos])
+        if self._file is None or (self._file.epoch, self._file.fid) != (self.epoch, fid):
+            tokens, starts, ends = _open(self.files[fid])
+            n = len(starts)
+            room = np.maximum(ends - starts - self.L, 0)  # crop offsets, drawn for every document
+            offsets = (
+                np.random.default_rng([self.seed, self.epoch, fid, 1]).random(n) * (room + 1)
+            ).astype(np.int64)
+            self._file = _OpenFile(
+                self.epoch, fid, starts, ends, self.rank_documents(self.epoch, fid, n), offsets
+            )
+            self._sources[fid] = tokens
+        return self._file
+
+    def _pieces(self, f: _OpenFile, d: int) -> list[tuple]:
+        fid = f.fid
+        s, n, cap = int(f.starts[d]) + 1, int(f.ends[d] - f.starts[d]) - 2, self.L - 2
+        if n <= cap:
+            return [(fid, s, n)]
+        if self.crop == "random":
+            return [(fid, s + int(f.offsets[d]), cap)]
+        return [(fid, s + j, min(cap, n - j)) for j in range(0, n, cap)]
+
+    def _refill(self):
+        """Top the window up from the current epoch only (file_pos == n_files: epoch read)."""
+        while len(self.pending) < WINDOW and self.file_pos < len(self.files):
+            f = self._current_file()
+            if self.cursor < len(f.mine):
+                self.pending += self._pieces(f, int(f.mine[self.cursor]))
+                self.cursor += 1
+            else:
+                self.file_pos, self.cursor = self.file_pos + 1, 0
+
+    def next_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """One batch. A batch never mixes epochs: the last one of an epoch ends in padding rows,
+        so every batch belongs to `epoch` of the state that follows it."""
+        tokens, docs = _empty(self.B, self.L)
+        for r in range(self.B):
+            self._refill()
+            if not self.pending and r == 0:  # the epoch is read and its rows are out: next epoch
+                self.epoch, self.file_pos, self.cursor = self.epoch + 1, 0, 0
+                self._refill()
+                if not self.pending:
+                    raise ValueError(
+                        f"rank {self.rank} of {self.world} gets no document from "
+                        f"{len(self.files)} training shard(s); use fewer ranks or more data"
+                    )
+            if not self.pending:
+                self.pad_tokens += self.L
+                continue
+            row, room = take_row(self.pending, self.L)
+            _write_row(tokens, docs, r, row, self._sources)
+            self.pad_tokens += room
+        self.total_tokens += self.B * self.L
+        self.batches += 1
+        current = {self._file.fid} if self._file else set()
+        self._sources.keep_only({p[0] for p in self.pending} | current)
+        return tokens, docs
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class TrainLoader:
+    """Endless training batches dict(input_ids, labels, doc_ids): CPU LongTensors (B, L).
+
+    Masking runs here on the CPU, from a generator seeded by (seed, rank, batch index), in a
+    background thread that keeps up to `prefetch` batches ready (0 = no thread). state_dict()
+    describes the batches the caller has consumed, not those prefetched, so a loader restored
+    from it yields exactly what this one would have yielded next.
+    """
+
+    def __init__(
+        self,
+        files,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        masking: MaskingConfig | None = None,
+        micro_steps_per_step: int = 1,
+        crop: str = "random",
+        prefetch: int = 4,
+    ):
+        self._thread = None  # set first: __del__ runs even when a check below fails
+        files = [Path(f) for f in files]
+        if not files:
+            raise ValueError(
+                "TrainLoader got no training shards; prepare or download a dataset first"
+            )
+        if batch_size < 1 or seq_len < MIN_DOC:
+            raise ValueError(
+                f"batch_size={batch_size} and seq_len={seq_len} must be >= 1 and >= {MIN_DOC}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in 0..world_size-1 (world_size={world_size})")
+        if crop not in ("random", "split"):
+            raise ValueError(f"crop={crop!r} is unknown; use 'random' or 'split'")
+        if seed < 0 or micro_steps_per_step < 1 or prefetch < 0:
+            raise ValueError("seed and prefetch must be >= 0 and micro_steps_per_step >= 1")
+        self.masking = masking or MaskingConfig()
+        self.micro_steps_per_step, self.prefetch = micro_steps_per_step, prefetch
+        self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop)
+        self._config = {
+            "version": STATE_VERSION,
+            "files": [f.name for f in files],
+            "seed": seed,
+            "rank": rank,
+            "world_size": world_size,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "crop": crop,
+        }
+        self._consumed = self._packer.state()
+
+    # -- production (in the prefetch thread when prefetch > 0) --
+    def _produce_one(self) -> tuple[dict, dict]:
+        p = self._packer
+        index = p.batches
+        tokens, docs = p.next_tokens()
+        input_ids, labels = self.mask(torch.from_numpy(tokens), index)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "doc_ids": torch.from_numpy(docs),
+        }, p.state()
+
+    def mask(self, tokens: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) LongTensors of batch `index` from its (B, L) token ids:
+        mask_tokens over consecutive row chunks with one generator seeded by
+        (seed, rank, index), at the rate of optimizer step index // micro_steps_per_step."""
+        p = self._packer
+        g = torch.Generator().manual_seed(_seed(p.seed, p.rank, index))
+        rate = self.masking.rate_at(index // self.micro_steps_per_step)
+        rows = max(1, MASK_CHUNK_ELEMENTS // p.L)
+        input_ids = torch.empty(tokens.shape, dtype=torch.long)
+        labels = torch.empty(tokens.shape, dtype=torch.long)
+        for i in range(0, tokens.shape[0], rows):
+            chunk = tokens[i : i + rows].long()  # chunk by chunk, like every op here
+            input_ids[i : i + rows], labels[i : i + rows] = mask_tokens(
+                chunk, rate, self.masking.rule, g
+            )
+        return input_ids, labels
+
+    def _run(self, stop: threading.Event, q: queue.Queue):
+        try:
+            while not stop.is_set():
+                item = self._produce_one()
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put(_Failure(e))
+
+    def _stop_thread(self):
+        if self._thread is not None:
+            stop, thread, _ = self._thread
+            stop.set()
+            thread.join()
+            self._thread = None
+
+    # -- consumer side --
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.prefetch == 0:
+            batch, state = self._produce_one()
+        else:
+            if self._thread is None:
+                stop, q = threading.Event(), queue.Queue(maxsize=self.prefetch)
+                thread = threading.Thread(
+                    target=self._run, args=(stop, q), daemon=True, name="TrainLoader-prefetch"
+                )
+                self._thread = (stop, thread, q)
+                thread.start()
+            item = self._thread[2].get()
+            if isinstance(item, _Failure):
+                self._stop_thread()
+                raise item.error
+            batch, state = item
+        self._consumed = state
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            **self._config,
+            **self._consumed,
+            "pending": [list(p) for p in self._consumed["pending"]],
+        }
+
+    def load_state_dict(self, sd: dict):
+        for k, v in self._config.items():
+            if sd.get(k) != v:
+                raise ValueError(
+                    f"loader state has {k}={sd.get(k)!r} but this loader has {v!r}; "
+                    "resume with the same data, seed, shape and world size"
+                )
+        self._stop_thread()  # prefetched batches belong to the old position
+        self._packer.load(sd)
+        self._consumed = self._packer.state()
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self._consumed["total_tokens"]
+        return self._consumed["pad_tokens"] / total if total else 0.0
+
+    @property
+    def epoch(self) -> int:
+        return self._consumed["epoch"]
+
+    @property
+    def batches_yielded(self) -> int:
+        return self._consumed["batches"]
+
+    def close(self):
+        self._stop_thread()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self._stop_thread()
+
+
+class EvalLoader:
+    """Every sequence of `files` exactly once across ranks, cut to seq_len tokens, with the
+    benchmark masks (15% of residues -> <mask>, positions fixed by the sequence's global
+    index). Rank r takes sequences r, r+W, ...; every rank yields len(loader) batches, the
+    ones past its own data all padding with labels -100."""
+
+    def __init__(self, files, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1):
+        if not files:
+            raise ValueError(
+                "EvalLoader got no shards; prepare or download a dataset with valid/test splits"
+            )
+        if batch_size < 1 or seq_len < MIN_DOC or not 0 <= rank < world_size:
+            raise ValueError(
+                f"EvalLoader needs batch_size >= 1, seq_len >= {MIN_DOC} and "
+                f"0 <= rank < world_size (got {batch_size}, {seq_len}, {rank}, {world_size})"
+            )
+        self.B, self.L = batch_size, seq_len
+        self._sources, pieces = {}, []
+        for fid, path in enumerate(files):
+            tokens, starts, ends = _open(path)
+            self._sources[fid] = tokens
+            n = np.minimum(ends - starts - 2, seq_len - 2)
+            base = len(pieces)
+            pieces += [
+                (fid, int(s) + 1, int(k), base + i) for i, (s, k) in enumerate(zip(starts, n))
+            ]
+        self.num_sequences = len(pieces)
+        rows_per_rank = [self._pack(pieces[r::world_size]) for r in range(world_size)]
+        self._rows = rows_per_rank[rank]
+        self._len = max(-(-len(rows) // batch_size) for rows in rows_per_rank)
+
+    def _pack(self, pieces: list) -> list:
+        rows, pending, nxt = [], [], 0
+        while nxt < len(pieces) or pending:
+            take = WINDOW - len(pending)
+            pending += pieces[nxt : nxt + take]
+            nxt += take
+            rows.append(take_row(pending, self.L)[0])
+        return rows
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        for b in range(self._len):
+            tokens, docs = _empty(self.B, self.L)
+            masked = []
+            for r, row in enumerate(self._rows[b * self.B : (b + 1) * self.B]):
+                for o, (_, _, n, g) in zip(_write_row(tokens, docs, r, row, self._sources), row):
+                    masked.append(r * self.L + o + benchmark_mask_positions(n, g))
+            input_ids = torch.from_numpy(tokens).long()
+            labels = torch.full_like(input_ids, IGNORE)
+            if masked:
+                flat = torch.from_numpy(np.concatenate(masked))
+                labels.view(-1)[flat] = input_ids.view(-1)[flat]
+                input_ids.view(-1)[flat] = MASK
+            yield {"input_ids": input_ids, "labels": labels, "doc_ids": torch.from_numpy(docs)}
