@@ -1,0 +1,86 @@
+"""Distributed Muon over 2 gloo processes gives the same parameters as one process."""
+
+import datetime
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import optim.muon
+from optim import Muon
+
+# 3 + 2 matrices of two shapes (odd counts: padded buckets), a 3-D tensor, and a lone shape.
+SHAPES = [(8, 16), (16, 8), (8, 16), (16, 8), (8, 16), (4, 3, 5), (12, 12)]
+STEPS = 3
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def run_steps(params, opt):
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        for group in opt.param_groups:
+            group["momentum"] = 0.85 + 0.05 * step  # as the momentum warm-up changes it
+        opt.step()
+
+
+def worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        local = make_params()
+        run_steps(local, Muon(local, lr=0.02, weight_decay=0.1))
+
+        spread = make_params()
+        opt = Muon(spread, lr=0.02, weight_decay=0.1, distributed=True)
+        calls = []
+        original = optim.muon.zeropower_via_newtonschulz5
+        optim.muon.zeropower_via_newtonschulz5 = lambda g, steps: (
+            calls.append(g.shape) or original(g, steps)
+        )
+        run_steps(spread, opt)
+        optim.muon.zeropower_via_newtonschulz5 = original
+        torch.save(
+            {
+                "local": [p.detach() for p in local],
+                "spread": [p.detach() for p in spread],
+                "ns_calls": len(calls),
+                "buffers": [opt.state[p]["momentum_buffer"] for p in spread],
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    # fork, after this process has paid torch's optimizer imports once: a spawned child
+    # re-imports torch and torch._dynamo (which torch.optim pulls in), ~10 s on a busy 2-core box.
+    Muon(make_params()[:1])
+    mp.start_processes(
+        worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Rank 0 owns slots 0, 2 of (8,16), 0 of (16,8), the 3-D one and (12,12); rank 1 the rest.
+    assert (r0["ns_calls"], r1["ns_calls"]) == (5 * STEPS, 2 * STEPS)
+    for i, shape in enumerate(SHAPES):
+        assert r0["spread"][i].shape == shape
+        assert not torch.equal(r0["spread"][i], make_params()[i]), f"param {i} never moved"
+        torch.testing.assert_close(r0["spread"][i], r0["local"][i], atol=1e-6, rtol=0)
+        assert torch.equal(r0["spread"][i], r1["spread"][i]), f"ranks disagree on param {i}"
+        assert torch.equal(r0["buffers"][i], r1["buffers"][i])
