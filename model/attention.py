@@ -1,0 +1,108 @@
+"""Attention over packed rows, rotary embeddings, and per-document helpers.
+
+A row holds whole documents back to back; `doc_ids` (B, L) numbers them 0, 1, 2, ... and marks
+padding -1. Everything here uses fixed-shape ops (scatter/gather, no boolean indexing or
+data-dependent shapes) so that the same code compiles to one graph on XLA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # flex attention is the CUDA fast path; the others never need it
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - very old torch
+    create_block_mask = flex_attention = None
+
+
+# ---------------------------------------------------------------- per-document reductions
+
+
+def per_doc_sum(values: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) values -> (B, L+1) sums per document; slot 0 collects padding, slot j+1 doc j."""
+    B, L = doc_ids.shape
+    out = torch.zeros(B, L + 1, dtype=values.dtype, device=values.device)
+    return out.scatter_add(1, doc_ids + 1, values)
+
+
+def per_doc_gather(table: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L+1) per-document table -> (B, L): each position gets its document's entry."""
+    return table.gather(1, doc_ids + 1)
+
+
+def doc_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (B, L) lengths of documents 0..L-1 of each row (0 where there is none)."""
+    return per_doc_sum(torch.ones_like(doc_ids), doc_ids)[:, 1:]
+
+
+def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its own document, so rotary restarts at every document."""
+    B, L = doc_ids.shape
+    idx = torch.arange(L, device=doc_ids.device).expand(B, L)
+    start = torch.full((B, L + 1), L, dtype=idx.dtype, device=doc_ids.device)
+    start = start.scatter_reduce(1, doc_ids + 1, idx, reduce="amin")
+    return idx - per_doc_gather(start, doc_ids)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def rotary_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """(B, L) positions -> cos, sin of shape (B, 1, L, head_dim), in float32."""
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ESM2's half-split rotary over the full head dim: x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# ---------------------------------------------------------------- masks and attention
+
+
+def doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean block-diagonal mask (B, 1, L, L): True where query and key share a document.
+    Padding (-1) attends only to padding, so no softmax row is empty and none reaches real tokens."""
+    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+
+
+def flex_block_mask(doc_ids: torch.Tensor):
+    if create_block_mask is None:
+        raise RuntimeError("attn_impl 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5).")
+    B, L = doc_ids.shape
+
+    def same_doc(b, h, q, k):
+        return doc_ids[b, q] == doc_ids[b, k]
+
+    # Traceable by dynamo, so a compiled model builds it inside its graph (as SpeedrunningPLMs).
+    return create_block_mask(same_doc, B, None, L, L, device=doc_ids.device)
+
+
+def build_mask(doc_ids: torch.Tensor, impl: str):
+    """The mask object `attend` expects for this implementation, built once per forward."""
+    return flex_block_mask(doc_ids) if impl == "flex" else doc_mask(doc_ids)
+
+
+def reference_attention(q, k, v, mask):
+    """Plain math, for tests and as the readable definition."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def attend(q, k, v, mask, impl: str):
+    """q, k, v: (B, H, L, head_dim); scale 1/sqrt(head_dim); bidirectional within documents."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if impl == "flex":
+        return flex_attention(q, k, v, block_mask=mask)
+    return reference_attention(q, k, v, mask)
