@@ -1,0 +1,23 @@
+# GPU image for train.py (NVIDIA GPUs). Build and run:
+#   docker build -t esm-speedrun .
+#   docker run --gpus all --ipc=host -v $PWD/cache:/app/cache -v $PWD/logs:/app/logs \
+#       -v $PWD/checkpoints:/app/checkpoints esm-speedrun                # 8-GPU speedrun
+#   docker run --gpus all --ipc=host esm-speedrun --nproc_per_node=1 train.py --config config/sample.yaml
+# Arguments after the image name replace the default torchrun arguments below.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv git \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+COPY requirements.txt .
+# The default Linux torch wheel bundles its CUDA libraries; the image only needs the driver,
+# which `docker run --gpus all` provides.
+RUN pip install --no-cache-dir -r requirements.txt
+COPY . .
+
+ENTRYPOINT ["torchrun", "--standalone"]
+CMD ["--nproc_per_node=gpu", "train.py", "--config", "config/speedrun.yaml", "--device", "cuda"]

@@ -1,0 +1,161 @@
+"""Score a model on the benchmark (DESIGN, "The benchmark") and print the metrics table.
+
+    python evaluate.py --checkpoint checkpoints/RUN [--data sample] [--split valid|test]
+    python evaluate.py --hf facebook/esm2_t6_8M_UR50D --data omg_prot50 --protocol splm
+    python evaluate.py --unigram --data sample       # the residue-frequency baseline
+
+--checkpoint takes a training checkpoint (a step directory, or a run directory: its newest
+step) or a weights file (model.io / `python -m model.hf import`). --hf takes a Hugging Face
+EsmForMaskedLM directory or Hub id, run as Hugging Face runs it (one padded sequence per row).
+--protocol splm is the published SpeedrunningPLMs evaluation (reference table, §8.1).
+Runs under torchrun too: sequences are dealt to ranks and the sums reduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data.shards import ShardError
+from data.tokenizer import PAD, VOCAB_SIZE
+from runtime.backend import get_backend
+from runtime.config import ConfigError
+from runtime.evaluation import BENCH_LENGTH, Unigram, evaluate, evaluate_splm
+from runtime.runlog import format_line
+
+
+class HFMaskedLM(nn.Module):
+    """A Hugging Face EsmForMaskedLM behind the project's model interface: each document of a
+    packed row is cut out and run as its own padded sequence, positions starting at 0, as HF
+    users feed it; the logits are put back in place."""
+
+    def __init__(self, hf_model: nn.Module, sequences_per_call: int = 16):
+        super().__init__()
+        self.hf, self.per_call = hf_model, sequences_per_call
+
+    def forward(self, input_ids, doc_ids, labels=None):
+        B, L = input_ids.shape
+        spans = []  # (row, start, end) of every document
+        for r in range(B):
+            ids = doc_ids[r].tolist()
+            start = 0
+            for j in range(1, L + 1):
+                if j == L or ids[j] != ids[start]:
+                    if ids[start] >= 0:
+                        spans.append((r, start, j))
+                    start = j
+        logits = torch.zeros(B, L, VOCAB_SIZE, device=input_ids.device)
+        for i in range(0, len(spans), self.per_call):
+            chunk = spans[i:i + self.per_call]
+            width = max(e - s for _, s, e in chunk)
+            ids = torch.full((len(chunk), width), PAD, dtype=torch.long, device=input_ids.device)
+            mask = torch.zeros_like(ids)
+            for k, (r, s, e) in enumerate(chunk):
+                ids[k, : e - s] = input_ids[r, s:e]
+                mask[k, : e - s] = 1
+            out = self.hf(input_ids=ids, attention_mask=mask).logits.float()
+            for k, (r, s, e) in enumerate(chunk):
+                logits[r, s:e] = out[k, : e - s, :VOCAB_SIZE]
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.view(-1, VOCAB_SIZE), labels.view(-1),
+                                               ignore_index=-100, reduction="sum")
+        return logits, loss
+
+
+def load_checkpoint_model(path: str) -> nn.Module:
+    from model import build_model
+    from model.io import load_state_dict_checked, load_weights
+    from runtime.checkpoint import list_checkpoints
+
+    p = Path(path)
+    if p.is_dir():
+        steps = [p] if (p / "common.pt").is_file() else list_checkpoints(p)
+        if not steps:
+            raise ConfigError(f"--checkpoint {path} holds no checkpoint (no common.pt or step_*/); pass a step directory or a weights file.")
+        p = steps[-1] / "common.pt"
+    elif not p.is_file():
+        raise ConfigError(f"--checkpoint {path} does not exist; pass a checkpoint directory or a weights file.")
+    try:
+        cfg, state = load_weights(p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = build_model(cfg)
+    load_state_dict_checked(model, state)
+    return model
+
+
+def load_hf_model(name: str) -> nn.Module:
+    try:
+        from transformers import EsmForMaskedLM
+    except ImportError:
+        raise ConfigError("--hf needs the transformers package; pip install -r requirements-dev.txt.") from None
+    try:
+        hf = EsmForMaskedLM.from_pretrained(name)
+    except OSError as e:
+        raise ConfigError(f"--hf {name}: cannot load a Hugging Face ESM model ({str(e).splitlines()[0]}); "
+                          "pass a local directory or check the id and your network/HF_TOKEN.") from None
+    return HFMaskedLM(hf.float())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="training checkpoint directory or weights file")
+    what.add_argument("--hf", help="Hugging Face EsmForMaskedLM directory or Hub id")
+    what.add_argument("--unigram", action="store_true", help="the residue-frequency baseline of --data's train split")
+    ap.add_argument("--data", default="sample", help="sample | omg_prot50 | a directory of shards (default sample)")
+    ap.add_argument("--data_cache", default=None, help="cache directory of sample/omg_prot50")
+    ap.add_argument("--split", default="valid", choices=("valid", "test"))
+    ap.add_argument("--protocol", default="benchmark", choices=("benchmark", "splm"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "xla"))
+    ap.add_argument("--batch_size", type=int, default=16384, help="tokens per batch per rank (benchmark protocol)")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, ShardError, FileNotFoundError) as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from data.datasets import resolve_dataset
+    from data.loader import EvalLoader
+
+    backend = get_backend(args.device)
+    backend.init_distributed()
+    try:
+        files = resolve_dataset(args.data, args.data_cache)
+        split = getattr(files, args.split)
+        if not split:
+            raise ConfigError(f"--data {args.data} has no {args.split} shards; prepare it with --valid/--test sequences.")
+        if args.unigram:
+            model, name = Unigram(files.train), f"unigram of {args.data}/train"
+        elif args.checkpoint:
+            model, name = load_checkpoint_model(args.checkpoint), args.checkpoint
+        else:
+            model, name = load_hf_model(args.hf), f"hf:{args.hf}"
+        model = model.to(backend.device)
+        if args.protocol == "splm":
+            m = evaluate_splm(model, split, backend)
+        else:
+            loader = EvalLoader(split, max(1, args.batch_size // BENCH_LENGTH), BENCH_LENGTH,
+                                rank=backend.rank, world_size=backend.world_size)
+            m = evaluate(model, loader, backend)
+        if backend.is_main:
+            print(f"{name} on {args.data}/{args.split}, {args.protocol} protocol, {m['tokens']} masked tokens")
+            print(f"{'metric':<10} value")
+            for k, v in m.items():
+                print(f"{k:<10} {v if isinstance(v, int) else f'{v:.4f}'}")
+            print(format_line({f"{args.split}_{k}": v for k, v in m.items()}))
+    finally:
+        backend.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

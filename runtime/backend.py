@@ -1,0 +1,323 @@
+"""Backends: the only code that knows which device the run is on.
+
+The training loop talks to one small interface (docs/INTERFACES.md, runtime/): process group,
+device placement and wrapping, autocast, gradient accumulation, the optimizer step, host reads
+and timing syncs. CPUBackend and CUDABackend live here; XLABackend in runtime/xla.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runtime.config import ConfigError
+
+# Dense BF16 peak FLOP/s by device name (torchtitan get_peak_flops). Order matters: the first
+# key found in the name wins, so "H100 PCIe" and "H100 NVL" come before plain "H100".
+PEAK_FLOPS = (("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+              ("H100", 989e12), ("A100", 312e12), ("B200", 2250e12), ("B300", 2250e12))
+
+
+class Backend:
+    """CPU-like defaults; subclasses override what differs. `cfg` is the TrainConfig (or None)."""
+
+    name = "cpu"
+    dist_backend = "gloo"
+    fused_adamw = False  # AdamW(fused=True) where the device has the kernel
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.device = torch.device("cpu")
+        self.dtype = None  # autocast dtype, None = fp32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _option(self, key, default):
+        return getattr(self.cfg, key, default) if self.cfg is not None else default
+
+    # -- process group -------------------------------------------------------------------
+    def init_distributed(self) -> None:
+        """Joins the torchrun process group when launched with WORLD_SIZE > 1."""
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._set_device()
+        if self.world_size > 1 and not dist.is_initialized():
+            kwargs = {"device_id": self.device} if self.device.type == "cuda" else {}
+            dist.init_process_group(self.dist_backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+
+    def _set_device(self) -> None:
+        pass
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            # Tear down together: a rank destroying its group while another still has
+            # collectives (or DDP's reducer) in flight can hang at exit over gloo.
+            dist.barrier()
+            dist.destroy_process_group()
+
+    # -- model ------------------------------------------------------------------------
+    def model_defaults(self) -> dict:
+        """ModelConfig fields this device prefers (the user's model_args still win)."""
+        return {}
+
+    def prepare_model(self, model: nn.Module, cfg=None) -> nn.Module:
+        model = model.to(self.device)
+        if self.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+        return model
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The plain model under DDP / torch.compile wrappers (for saving and evaluation)."""
+        while True:
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            if inner is None:
+                return model
+            model = inner
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model evaluation calls: without DDP (no gradients to sync), still compiled."""
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of a small picklable object, on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def no_sync(self, model: nn.Module, last_micro: bool):
+        """Gradient accumulation: reduce gradients across ranks only on the last micro-batch."""
+        if last_micro or not hasattr(model, "no_sync"):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    # -- data and values ----------------------------------------------------------------
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def step_closure(self, fn, *args) -> None:
+        """Runs fn on host values of `args` once they are computed (at once here; XLA defers)."""
+        fn(*(_host(a) for a in args))
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A blocking device-to-host copy, for use outside the training step (eval results)."""
+        return t.detach().cpu()
+
+    def sync(self) -> None:
+        """Waits for queued device work; called at timing-window edges only."""
+
+    # -- the optimizer step ----------------------------------------------------------------
+    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None) -> torch.Tensor:
+        """Clips to grad_clip (None = no clipping) and steps, unless the gradient norm is not
+        finite: then the update is skipped. Returns the pre-clip global gradient norm; the
+        caller counts skipped steps from it."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
+        if self._finite(norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _finite(self, norm: torch.Tensor) -> bool:
+        return bool(torch.isfinite(norm))  # a host read; fine on CPU and CUDA
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def model_state_dict(self, model: nn.Module) -> dict:
+        """The full model state on the CPU (every rank calls it; rank 0 writes it)."""
+        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+
+    def load_model_state(self, model: nn.Module, state: dict) -> None:
+        from model.io import load_state_dict_checked
+
+        load_state_dict_checked(self.unwrap(model), state)
+
+    def optimizer_state_dict(self, model: nn.Module, optimizer) -> dict:
+        """This rank's optimizer state (saved per rank: distributed Muon keeps its own part)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model: nn.Module, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def rng_state(self) -> dict:
+        return {"cpu": torch.get_rng_state()}
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+
+    # -- numbers for the log ------------------------------------------------------------
+    def memory_stats(self) -> dict:
+        """Peak memory in GiB: resident set size of this process on the CPU."""
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"mem": kib / 2**20 if sys.platform != "darwin" else kib / 2**30}
+
+    def peak_flops(self) -> float | None:
+        return None  # no meaningful CPU peak: MFU is logged as n/a
+
+    def compile_count(self) -> int | None:
+        return None
+
+    def log_fields(self) -> dict:
+        """Extra backend fields merged into every log line (XLA: compiles)."""
+        n = self.compile_count()
+        return {} if n is None else {"compiles": n}
+
+    def describe(self) -> str:
+        return f"{self.name} x{self.world_size}"
+
+
+class CPUBackend(Backend):
+    """fp32 (or bf16 autocast when asked), gloo DDP when world_size > 1."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.dtype = torch.bfloat16 if self._option("precision", "auto") == "bf16" else None
+
+
+class CUDABackend(Backend):
+    """NCCL DDP or FSDP2, bf16 autocast, torch.compile, flex attention, TF32."""
+
+    name = "cuda"
+    dist_backend = "nccl"
+    fused_adamw = True
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.dtype = None if self._option("precision", "auto") == "fp32" else torch.bfloat16
+        self.fsdp = bool(self._option("fsdp", False))
+        self.compile = self._option("compile", "auto") in ("auto", "true")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def _set_device(self) -> None:
+        self.device = torch.device("cuda", self.local_rank)
+        torch.cuda.set_device(self.device)
+
+    def model_defaults(self) -> dict:
+        return {"attn_impl": "flex"}
+
+    def prepare_model(self, model: nn.Module, cfg=None) -> nn.Module:
+        model = model.to(self.device)
+        if self.fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype else None
+            kwargs = {"mp_policy": mp} if mp else {}
+            for block in _blocks(model):  # shard block by block so all-gathers overlap compute
+                fully_shard(block, **kwargs)
+            fully_shard(model, **kwargs)
+        if self.compile:
+            model = torch.compile(model)
+        if self.world_size > 1 and not self.fsdp:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.local_rank], broadcast_buffers=False, gradient_as_bucket_view=True)
+        return model
+
+    def no_sync(self, model: nn.Module, last_micro: bool):
+        if self.fsdp:
+            self.unwrap(model).set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
+        return super().no_sync(model, last_micro)
+
+    def optimizer_step(self, model, optimizer, grad_clip):
+        norm = super().optimizer_step(model, optimizer, grad_clip)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+    def _finite(self, norm) -> bool:
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return bool(torch.isfinite(norm))
+
+    def model_state_dict(self, model):
+        if not self.fsdp:
+            return super().model_state_dict(model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, model, state):
+        if not self.fsdp:
+            return super().load_model_state(model, state)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.unwrap(model), state, options=StateDictOptions(full_state_dict=True))
+
+    def rng_state(self):
+        return {**super().rng_state(), "cuda": torch.cuda.get_rng_state(self.device)}
+
+    def set_rng_state(self, state):
+        super().set_rng_state(state)
+        torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def sync(self):
+        torch.cuda.synchronize(self.device)
+
+    def memory_stats(self):
+        return {"mem": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                "mem_reserved": torch.cuda.max_memory_reserved(self.device) / 2**30}
+
+    def peak_flops(self):
+        name = torch.cuda.get_device_name(self.device)
+        return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+    def describe(self):
+        return f"cuda x{self.world_size} ({torch.cuda.get_device_name(self.device)})"
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the children of the model's largest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _host(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value
+    return value
+
+
+def get_backend(name: str = "auto", cfg=None) -> Backend:
+    """auto = cuda when a GPU is visible, else cpu; xla only when asked (runtime/xla.py)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return CPUBackend(cfg)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked but no CUDA GPU is visible; use --device cpu or auto.")
+        return CUDABackend(cfg)
+    if name == "xla":
+        try:
+            from runtime.xla import XLABackend
+        except ImportError as e:
+            raise ConfigError(f"--device xla needs torch_xla ({e}); install requirements-xla.txt (the .venv-xla environment of ./run.sh test-xla) or pick another --device.") from None
+        return XLABackend(cfg)
+    raise ConfigError(f"device {name!r} is unknown; use auto, cuda, cpu or xla.")

@@ -1,0 +1,249 @@
+"""The training config: a YAML preset from config/ plus `--key value` overrides from the CLI.
+
+Top-level keys are the fields of TrainConfig. The model and optimizer sections are passed
+through to model/ and optim/, which validate their own fields:
+    --model sample --model_args.n_layers 4 --optim.lr_hidden 0.02
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = "config/speedrun.yaml"
+DICT_KEYS = ("model_args", "optim")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or on the command line (printed as one sentence)."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "speedrun"  # a preset of model.PRESETS
+    model_args: dict = field(default_factory=dict)  # ModelConfig overrides
+    optim: dict = field(default_factory=dict)  # OptimConfig overrides of the preset's recipe
+    # data
+    data: str = "omg_prot50"  # "sample", "omg_prot50" or a directory of shards
+    data_cache: str = ""  # where "sample"/"omg_prot50" live; "" = data/ default (cache/)
+    num_chunks: int = 4  # train shards to download for omg_prot50 when missing
+    batch_size: int = 524288  # global tokens per optimizer step (all ranks, all micro-batches)
+    grad_accum: int = 1
+    max_length: int = 1024  # row length L of every batch
+    crop: str = "random"  # documents longer than max_length: "random" crop or "split"
+    mask_rule: str = "all_mask"  # "esm2" (80/10/10) | "all_mask"
+    mask_rate: float = 0.2
+    mask_rate_start: float = 0.0  # > 0: linear schedule from this rate ...
+    mask_rate_steps: int = 0  # ... to mask_rate over this many steps
+    # schedule of the run
+    num_steps: int = 10000
+    steps_this_run: int = 0  # > 0: stop (with a checkpoint) after this many steps, to resume later
+    log_every: int = 10
+    eval_every: int = 1000  # 0 = only at the end
+    eval_batch_size: int = 65536  # tokens per evaluation batch per rank
+    eval_max_batches: int = 0  # > 0: score only this many validation batches during training
+    save_every: int = 1000  # 0 = only on SIGTERM/SIGINT and at the end
+    keep_checkpoints: int = 2
+    max_skipped_steps: int = 5  # non-finite steps in a row before the run stops
+    # runtime
+    device: str = "auto"  # auto | cuda | cpu | xla
+    precision: str = "auto"  # auto (bf16 on cuda/xla, fp32 on cpu) | bf16 | fp32 | bf16_sr (XLA: bf16 weights)
+    compile: str = "auto"  # auto (on for cuda) | true | false
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, CUDA only
+    seed: int = 0
+    # outputs
+    log_name: str = ""  # "" = <config name>-<time>
+    log_dir: str = "logs"
+    checkpoint_dir: str = "checkpoints"
+    resume: str = ""  # "" | "auto" | a checkpoint directory
+    wandb: bool = False
+    wandb_project: str = "esm-speedrun"
+    # set by load_config, for the log
+    config_file: str = ""
+
+    def micro_batch_rows(self, world_size: int) -> int:
+        """Rows B of each micro-batch: batch_size / (world_size * grad_accum * max_length)."""
+        per = world_size * self.grad_accum * self.max_length
+        if self.batch_size % per:
+            raise ConfigError(
+                f"batch_size={self.batch_size} tokens is not divisible by world_size ({world_size}) "
+                f"x grad_accum ({self.grad_accum}) x max_length ({self.max_length}) = {per}; "
+                f"use a multiple of {per}, e.g. {max(per, self.batch_size // per * per)}."
+            )
+        return self.batch_size // per
+
+    def identity(self) -> dict:
+        """The keys a resumed run must share with its checkpoint to continue the same run."""
+        keys = ("model", "model_args", "optim", "data", "batch_size", "grad_accum", "max_length",
+                "crop", "mask_rule", "mask_rate", "mask_rate_start", "mask_rate_steps", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_CHOICES = {"device": ("auto", "cuda", "cpu", "xla"), "precision": ("auto", "bf16", "bf16_sr", "fp32"),
+            "compile": ("auto", "true", "false"), "crop": ("random", "split"),
+            "mask_rule": ("esm2", "all_mask")}
+_POSITIVE = ("batch_size", "grad_accum", "max_length", "num_steps", "log_every",
+             "eval_batch_size", "keep_checkpoints", "max_skipped_steps")
+_NON_NEGATIVE = ("steps_this_run", "eval_every", "eval_max_batches", "save_every",
+                 "num_chunks", "mask_rate_steps", "seed")
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Parse `--config FILE` and `--key value` / `--key=value` / bare `--flag` (= true)."""
+    overrides = _parse_argv(argv)
+    path = overrides.pop("config", None) or DEFAULT_CONFIG
+    values = _read_yaml(path)
+    for key, value in overrides.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            _check_key(section, f"--{key}")
+            if section not in DICT_KEYS:
+                raise ConfigError(f"--{key}: only {', '.join(DICT_KEYS)} take sub-keys; use --{section} VALUE.")
+            values.setdefault(section, {})
+            values[section] = {**(values[section] or {}), sub: value}
+        else:
+            values[key] = value
+    cfg = make_config(values)
+    cfg.config_file = str(path)
+    return cfg
+
+
+def make_config(values: dict) -> TrainConfig:
+    """A validated TrainConfig from a dict of (possibly string) values."""
+    typed = {}
+    for key, value in values.items():
+        _check_key(key, f"config key {key!r}")
+        typed[key] = _coerce(key, value)
+    cfg = TrainConfig(**typed)
+    _validate(cfg)
+    return cfg
+
+
+def _parse_argv(argv: list[str]) -> dict:
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --key value (see config/*.yaml for keys).")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"  # a bare flag such as --wandb
+        out[key] = value
+        i += 1
+    return out
+
+
+def _read_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        presets = sorted(x.stem for x in Path("config").glob("*.yaml"))
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config config/NAME.yaml (presets: {', '.join(presets)}).")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}); fix the file.") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of key: value lines.")
+    return values
+
+
+def _check_key(key: str, what: str) -> None:
+    if key not in _FIELDS or key == "config_file":
+        close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{what} is not a training option{hint}; the options are the keys of config/speedrun.yaml.")
+
+
+def _coerce(key: str, value):
+    """Strings from the CLI are read as YAML scalars, then checked against the field's type."""
+    kind = _FIELDS[key].type
+    if key in DICT_KEYS:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping (e.g. --{key}.NAME VALUE), got {value!r}.")
+        return {k: _scalar(v) for k, v in value.items()}
+    if kind != "str":
+        value = _scalar(value)
+    if key == "compile" and isinstance(value, bool):
+        value = str(value).lower()
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool),
+          "str": isinstance(value, (str, int, float)) and not isinstance(value, bool)}[kind]
+    if not ok:
+        article = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"config key {key!r} must be {article}, got {value!r}.")
+    return float(value) if kind == "float" else str(value) if kind == "str" else value
+
+
+def _scalar(value):
+    """A CLI string read as YAML, plus what YAML 1.1 leaves a string but users mean as a number (3e-3)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"config key {key!r} is {getattr(cfg, key)!r}; use one of {', '.join(choices)}.")
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"config key {key!r} is {getattr(cfg, key)}; it must be > 0.")
+    for key in _NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r} is {getattr(cfg, key)}; it must be >= 0.")
+    for key in ("mask_rate", "mask_rate_start"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ConfigError(f"config key {key!r} is {getattr(cfg, key)}; it must be in [0, 1].")
+    if cfg.mask_rate <= 0:
+        raise ConfigError(f"config key 'mask_rate' is {cfg.mask_rate}; it must be > 0 or there is nothing to learn.")
+    if cfg.resume not in ("", "auto") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"--resume {cfg.resume!r} is not a checkpoint directory; use --resume auto or a path under {cfg.checkpoint_dir}/.")
+
+
+def model_config(cfg: TrainConfig, **backend_defaults):
+    """The ModelConfig of the run: preset, then the backend's defaults (e.g. flex attention
+    on CUDA), then the user's model_args, which win."""
+    from model import get_config
+
+    try:
+        return get_config(cfg.model, **{**backend_defaults, **cfg.model_args})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def optim_config(cfg: TrainConfig):
+    """The OptimConfig of the run: the preset's recipe with the user's optim overrides."""
+    from optim.config import OptimConfig, default_optim_config
+    from optim.schedules import check_schedule_fits
+
+    try:
+        ocfg = OptimConfig.from_dict(cfg.optim, base=default_optim_config(cfg.model))
+        check_schedule_fits(cfg.num_steps, ocfg)
+        return ocfg
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,76 @@
+"""TrainConfig: presets, CLI overrides, one-sentence errors."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ConfigError, TrainConfig, load_config, model_config, optim_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overrides_are_typed_and_win_over_the_preset():
+    cfg = load_config(["--config", str(ROOT / "config/sample.yaml"), "--num_steps", "70", "--mask_rate=3e-1",
+                       "--model_args.n_layers", "3", "--optim.lr_hidden", "1e-2", "--wandb"])
+    assert cfg.num_steps == 70 and cfg.mask_rate == 0.3 and cfg.wandb is True
+    assert cfg.model == "sample" and cfg.data == "sample"  # from the file
+    assert model_config(cfg).n_layers == 3
+    assert optim_config(cfg).lr_hidden == 0.01
+
+
+def test_backend_defaults_lose_to_user_model_args():
+    cfg = load_config(["--config", str(ROOT / "config/sample.yaml")])
+    assert model_config(cfg, attn_impl="flex").attn_impl == "flex"
+    cfg.model_args = {"attn_impl": "sdpa"}
+    assert model_config(cfg, attn_impl="flex").attn_impl == "sdpa"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_is_valid(path):
+    cfg = load_config(["--config", str(path)])
+    model_config(cfg)
+    optim_config(cfg)
+    assert cfg.micro_batch_rows(8) >= 1 if path.stem != "sample" else cfg.micro_batch_rows(1) >= 1
+
+
+def test_speedrun_yaml_lists_every_option():
+    text = (ROOT / "config/speedrun.yaml").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "config_file" and f"\n{f.name}:" not in "\n" + text]
+    assert not missing
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--num_step", "3"], ["num_step", "num_steps"]),
+    (["--num_steps", "many"], ["num_steps", "integer"]),
+    (["--num_steps", "0"], ["num_steps", "> 0"]),
+    (["--device", "tpu"], ["device", "cpu"]),
+    (["--mask_rate", "1.5"], ["mask_rate"]),
+    (["--wandb", "maybe"], ["wandb", "true or false"]),
+    (["--seed.x", "1"], ["seed"]),
+    (["--config", "config/nope.yaml"], ["nope.yaml", "sample"]),
+    (["stray"], ["stray"]),
+    (["--model", "huge"], ["huge", "preset"]),
+    (["--model_args.layers", "2"], ["layers"]),
+    (["--optim.lr", "-1"], ["lr"]),
+])
+def test_bad_input_is_one_sentence(argv, words):
+    with pytest.raises(ConfigError) as e:
+        cfg = load_config(["--config", str(ROOT / "config/sample.yaml"), *argv])
+        model_config(cfg)
+        optim_config(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_batch_must_divide_into_rows():
+    cfg = load_config(["--config", str(ROOT / "config/sample.yaml"), "--batch_size", "16384", "--max_length", "512"])
+    assert cfg.micro_batch_rows(2) == 16
+    cfg.grad_accum = 3
+    with pytest.raises(ConfigError, match="not divisible by world_size"):
+        cfg.micro_batch_rows(2)
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        optim_config(load_config(["--config", str(ROOT / "config/sample.yaml"), "--num_steps", "10"]))

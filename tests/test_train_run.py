@@ -1,0 +1,93 @@
+"""A short train.py run: the run log's fields, their consistency, the header and secrets."""
+
+import hashlib
+import math
+import re
+
+import pytest
+from train_support import ROOT, losses, run_train, write_tiny_shards
+
+SECRET = "hf_SuperSecretValue123"
+STEP_KEYS = ["step", "loss", "lr", "tokens", "tok/s", "tok/s_all", "mfu", "train_time", "step_avg", "pad", "mem"]
+EVAL_KEYS = ["val_loss", "val_ppl", "val_acc", "val_precision", "val_recall", "val_f1", "val_mcc", "val_tokens"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_tiny_shards(tmp / "data")
+    env = {"HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET[::-1], "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
+    proc, records = run_train(tmp, data, "tiny", "--num_steps", "12", "--eval_every", "6", "--log_every", "3",
+                              "--wandb", "--save_every", "6", env=env)
+    return tmp, proc, records, (tmp / "logs" / "tiny.txt").read_text()
+
+
+def fields(line: str) -> dict:
+    return dict(kv.split(":", 1) for kv in line.split())
+
+
+def test_step_lines_carry_every_field(run):
+    _, _, _, text = run
+    steps = [fields(x) for x in text.splitlines() if x.startswith("step:") and " loss:" in x]
+    assert [s["step"] for s in steps] == ["3/12", "6/12", "9/12", "12/12"]
+    for s in steps:
+        assert list(s)[: len(STEP_KEYS)] == STEP_KEYS
+        assert s["mfu"] == "n/a"  # no known CPU peak
+        assert math.isfinite(float(s["loss"]))
+        # the padding fraction agrees with the two throughputs
+        assert float(s["pad"]) == pytest.approx(1 - float(s["tok/s"]) / float(s["tok/s_all"]), abs=2e-4)
+
+
+def test_eval_lines_and_ppl_is_exp_loss(run):
+    _, _, records, text = run
+    evals = [fields(x) for x in text.splitlines() if "val_loss:" in x and x.startswith("step:")]
+    assert [e["step"] for e in evals] == ["6/12", "12/12"]
+    for e in evals:
+        assert list(e)[1:] == EVAL_KEYS
+        loss, ppl = float(e["val_loss"]), float(e["val_ppl"])
+        assert abs(math.exp(loss) - ppl) <= ppl * 6e-5 + 6e-5  # printed to 4 decimals
+        assert 0 <= float(e["val_acc"]) <= 1 and -1 <= float(e["val_mcc"]) <= 1
+        assert float(e["val_recall"]) == pytest.approx(float(e["val_acc"]), abs=1e-4)  # support-weighted recall
+    summary = [r for r in records if r["kind"] == "summary"][0]
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-12)
+    assert summary["test_ppl"] == pytest.approx(math.exp(summary["test_loss"]), rel=1e-12)
+    assert summary["val_tokens"] > 0 and summary["test_tokens"] > 0
+
+
+def test_jsonl_matches_the_text(run):
+    _, _, records, text = run
+    steps = [r for r in records if r["kind"] == "step"]
+    assert list(losses(records)) == [3, 6, 9, 12]
+    printed = [float(fields(x)["loss"]) for x in text.splitlines() if x.startswith("step:") and " loss:" in x]
+    assert printed == [round(r["loss"], 4) for r in steps]
+    tokens = [r["tokens"] for r in steps]
+    assert tokens == sorted(tokens) and tokens[-1] <= 12 * 512
+    assert all(r["tokens_all"] if "tokens_all" in r else True for r in steps)
+    assert steps[-1]["train_time"] == pytest.approx(steps[-1]["step_avg"] * 12 / 1000, rel=1e-9)
+
+
+def test_header_holds_sources_with_their_hashes(run):
+    _, _, _, text = run
+    sources = dict(re.findall(r"^source: (\S+) sha256:([0-9a-f]{64})$", text, re.M))
+    for name in ("train.py", "runtime/backend.py", "model/speedrun.py", "data/loader.py", "config/sample.yaml"):
+        assert sources[name] == hashlib.sha256((ROOT / name).read_bytes()).hexdigest(), name
+    assert "\nenvironment\n" in text and "world_size: 1" in text and "\nconfig\n" in text
+    assert "num_steps: 12" in text  # the resolved config, overrides applied
+    assert re.search(r"^summary$", text, re.M) and re.search(r"^test_loss:\d", text, re.M)
+
+
+def test_no_secret_reaches_any_output(run):
+    tmp, proc, _, _ = run
+    outputs = [proc.stdout, proc.stderr] + [p.read_text(errors="replace") for p in (tmp / "logs").iterdir()]
+    for out in outputs:
+        assert SECRET not in out and SECRET[::-1] not in out
+
+
+def test_wandb_offline_run_was_written(run):
+    tmp, _, _, _ = run
+    assert list((tmp / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+
+
+def test_checkpoints_kept_and_final(run):
+    tmp, _, _, _ = run
+    assert sorted(p.name for p in (tmp / "ckpt" / "tiny").iterdir()) == ["step_000006", "step_000012"]

@@ -1,0 +1,255 @@
+"""Train an ESM2-style protein masked language model.
+
+    python train.py --config config/sample.yaml               # CPU, the shipped sample
+    torchrun --nproc_per_node=8 train.py --device cuda        # the speedrun on 8 GPUs
+
+config -> backend, data, model, optimizer -> the loop below. Everything device-specific is in
+runtime/backend.py (and runtime/xla.py); the run log, checkpoints and the benchmark live in
+runtime/ too. Options: the keys of config/speedrun.yaml, given as --key value.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from data.loader import EvalLoader, TrainLoader
+from data.masking import MaskingConfig
+from data.shards import ShardError
+from model import build_model, flops_per_token, param_counts, t_eff
+from optim import apply_schedule, build_optimizer
+from runtime import checkpoint
+from runtime.backend import get_backend
+from runtime.config import ConfigError, load_config, model_config, optim_config
+from runtime.data_setup import resolve_data
+from runtime.evaluation import BENCH_LENGTH, evaluate
+from runtime.runlog import RunLog, environment
+from runtime.sinks import make_sink
+
+
+def train_step(model, batches, optimizer, backend, grad_clip):
+    """One optimizer step over the micro-batches of this rank (DESIGN, "The training loss").
+    Returns (summed loss of this rank, global target count, grad norm): device tensors."""
+    n_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # CPU labels: no sync
+    count = backend.all_reduce_sum(torch.tensor(float(n_targets), device=backend.device))
+    # After DDP averages gradients over ranks, this scale leaves sum(CE) / global count.
+    scale = backend.world_size / count.clamp(min=1.0)
+    loss_sum = torch.zeros((), device=backend.device)
+    for i, batch in enumerate(batches):
+        batch = backend.to_device(batch)
+        with backend.no_sync(model, last_micro=i == len(batches) - 1):
+            with backend.autocast():
+                _, loss = model(batch["input_ids"], batch["doc_ids"], batch["labels"])
+            (loss * scale).backward()
+        loss_sum = loss_sum + loss.detach().float()
+    grad_norm = backend.optimizer_step(model, optimizer, grad_clip)
+    return loss_sum, count, grad_norm
+
+
+class Stop:
+    """SIGTERM/SIGINT ask the loop to save a checkpoint and leave at the next agreed point."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: leave now
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def run(cfg) -> int:
+    backend = get_backend(cfg.device, cfg)
+    backend.init_distributed()
+    try:
+        return _run(cfg, backend)
+    finally:
+        backend.shutdown()
+
+
+def _run(cfg, backend) -> int:
+    rows = cfg.micro_batch_rows(backend.world_size)
+    cfg.log_name = backend.broadcast_object(cfg.log_name or f"{Path(cfg.config_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.checkpoint_dir) / cfg.log_name
+    log = RunLog(Path(cfg.log_dir) / cfg.log_name, enabled=backend.is_main, total_steps=cfg.num_steps)
+    resume_from = checkpoint.resolve(cfg.resume, run_dir) if cfg.resume else None
+    if resume_from is None and log.txt.exists():
+        raise ConfigError(f"{log.txt} already exists and there is no checkpoint under {run_dir} to resume; "
+                          "choose another --log_name or remove the old log.")
+
+    files = resolve_data(cfg, backend)
+    masking = MaskingConfig(rule=cfg.mask_rule, rate=cfg.mask_rate, rate_start=cfg.mask_rate_start or None,
+                            rate_schedule_steps=cfg.mask_rate_steps)
+    loader = TrainLoader(files.train, rows, cfg.max_length, rank=backend.rank, world_size=backend.world_size,
+                         seed=cfg.seed, masking=masking, micro_steps_per_step=cfg.grad_accum, crop=cfg.crop)
+    eval_rows = max(1, cfg.eval_batch_size // BENCH_LENGTH)
+    eval_loader = lambda split: EvalLoader(getattr(files, split), eval_rows, BENCH_LENGTH,
+                                           rank=backend.rank, world_size=backend.world_size)
+
+    torch.manual_seed(cfg.seed)  # the model is built on the CPU, so every device starts alike
+    mcfg = model_config(cfg, **backend.model_defaults())
+    ocfg = optim_config(cfg)
+    model = build_model(mcfg)
+    counts = param_counts(model)
+    model = backend.prepare_model(model, cfg)
+    optimizer = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1,
+                                fused=backend.fused_adamw)
+
+    state = {"step": 0, "train_time": 0.0, "tokens": 0, "tokens_all": 0, "skipped": 0}
+    if resume_from is not None:
+        common, mine = checkpoint.load(resume_from, backend.rank, backend.world_size)
+        checkpoint.check_same_run(common, asdict(mcfg), cfg.identity(), resume_from)
+        backend.load_model_state(model, common["model"])
+        backend.load_optimizer_state(model, optimizer, mine["optimizer"])
+        loader.load_state_dict(mine["loader"])
+        backend.set_rng_state(mine["rng"])
+        state.update(common["state"])
+
+    config_dict = cfg.to_dict()
+    notes = {"params": counts["total"], "params_non_embedding": counts["non_embedding"],
+             "params_matmul": counts["matmul"], "micro_batch": f"{rows}x{cfg.max_length}",
+             "resumed_from": str(resume_from) if resume_from else "-"}
+    log.header(config_dict, environment(backend), extra_sources=[cfg.config_file], notes=notes)
+    sink = make_sink(cfg, config_dict, backend.is_main)
+
+    def save():
+        common = {"model": backend.model_state_dict(model), "model_config": asdict(mcfg),
+                  "identity": cfg.identity(), "config": config_dict, "state": dict(state)}
+        mine = {"optimizer": backend.optimizer_state_dict(model, optimizer),
+                "loader": loader.state_dict(), "rng": backend.rng_state()}
+        path = checkpoint.save(run_dir, state["step"], common, mine, backend, cfg.keep_checkpoints)
+        log.message(f"checkpoint:{path}")
+
+    def run_eval(split, max_batches=0, prefix="val"):
+        m = evaluate(model, eval_loader(split), backend, max_batches)
+        fields = {"step": state["step"], **{f"{prefix}_{k}": v for k, v in m.items()}}
+        log.line("eval", fields, echo=progress.write)
+        sink.log(fields, state["step"])
+        return m
+
+    progress = Progress(cfg.num_steps, state["step"], backend.is_main)
+    stop = Stop()
+    agreed = {"stop": False}  # set in a step closure, so every rank leaves at the same step
+    window = {"start": 0.0, "steps": 0, "real": 0, "all": 0}
+    peak = backend.peak_flops()
+    end = cfg.num_steps if not cfg.steps_this_run else min(cfg.num_steps, state["step"] + cfg.steps_this_run)
+
+    def on_grad_norm(norm):
+        if math.isfinite(norm):
+            state["skipped_in_row"] = 0
+        else:
+            state["skipped"] += 1
+            state["skipped_in_row"] = state.get("skipped_in_row", 0) + 1
+            log.message(f"step:{state['step']} skipped: non-finite gradient norm ({norm})", echo=progress.write)
+
+    def on_log(loss, real, total, stop_votes, lr, teff):
+        elapsed = time.perf_counter() - window["start"]
+        state["train_time"] += elapsed
+        state["tokens"] += int(real)
+        state["tokens_all"] += int(total)
+        agreed["stop"] = stop_votes > 0
+        tps = real / elapsed
+        mfu = flops_per_token(mcfg, teff) * tps / (peak * backend.world_size) if peak else None
+        fields = {"step": state["step"], "loss": loss, "lr": lr, "tokens": state["tokens"], "tok/s": tps,
+                  "tok/s_all": total / elapsed, "mfu": mfu, "train_time": state["train_time"],
+                  "step_avg": 1000 * state["train_time"] / state["step"], "pad": 1 - real / total,
+                  **backend.memory_stats(), **backend.log_fields()}
+        log.line("step", fields, echo=progress.write)
+        sink.log(fields, state["step"])
+        progress.update(state["step"], loss)
+
+    it = iter(loader)
+    backend.sync()
+    window["start"] = time.perf_counter()
+    while state["step"] < end and not agreed["stop"] and state.get("skipped_in_row", 0) < cfg.max_skipped_steps:
+        batches = [next(it) for _ in range(cfg.grad_accum)]
+        window["real"] += sum(int((b["doc_ids"] >= 0).sum()) for b in batches)
+        window["all"] += sum(b["doc_ids"].numel() for b in batches)
+        apply_schedule(optimizer, state["step"], ocfg, cfg.num_steps)
+        lr = max(g["lr"] for g in optimizer.param_groups)  # the largest group's LR, for the log
+        loss_sum, count, grad_norm = train_step(model, batches, optimizer, backend, ocfg.grad_clip)
+        state["step"] += 1
+        backend.step_closure(on_grad_norm, grad_norm)
+        step = state["step"]
+        evaluating = step == cfg.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        # never save over good checkpoints while steps are being skipped
+        saving = cfg.save_every and step % cfg.save_every == 0 and not state.get("skipped_in_row")
+        if step % cfg.log_every == 0 or step == end or evaluating or saving:
+            totals = backend.all_reduce_sum(torch.tensor([window["real"], window["all"], int(stop.requested)],
+                                                         dtype=torch.long, device=backend.device))
+            loss = backend.all_reduce_sum(loss_sum) / count
+            backend.sync()
+            backend.step_closure(on_log, loss, totals[0], totals[1], totals[2], lr,
+                                 sum(t_eff(b["doc_ids"]) for b in batches) / len(batches))
+            window.update(real=0, all=0)
+            if evaluating and step < cfg.num_steps:
+                run_eval("valid", cfg.eval_max_batches)
+            if saving or (agreed["stop"] and step < cfg.num_steps) or (step == end and step < cfg.num_steps):
+                save()
+            window["start"] = time.perf_counter()  # evaluation and checkpoints are not train time
+    progress.close()
+
+    if state.get("skipped_in_row", 0) >= cfg.max_skipped_steps:
+        log.message(f"stopped: {cfg.max_skipped_steps} steps in a row had a non-finite gradient; "
+                    f"the last good checkpoint is in {run_dir}; lower the learning rate or resume from it.")
+        return 3
+    if state["step"] < cfg.num_steps:
+        why = "stopped by a signal" if agreed["stop"] else "paused (steps_this_run)"
+        log.message(f"{why} at step {state['step']}/{cfg.num_steps}; continue with --resume auto --log_name {cfg.log_name}")
+        return 0
+    final = run_eval("valid")
+    test = run_eval("test", prefix="test")
+    if not (cfg.save_every and state["step"] % cfg.save_every == 0):
+        save()
+    summary = {"step": state["step"], **{f"val_{k}": v for k, v in final.items()},
+               **{f"test_{k}": v for k, v in test.items()}, "train_time": state["train_time"],
+               "tokens": state["tokens"], "tokens_all": state["tokens_all"], "skipped_steps": state["skipped"],
+               **backend.memory_stats()}
+    log.summary(summary)
+    sink.finish()
+    return 0
+
+
+class Progress:
+    """A tqdm bar when stdout is a terminal; otherwise the log lines themselves are the progress."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True)
+        self.last = initial
+
+    def write(self, text: str) -> None:
+        (self.bar.write if self.bar else print)(text)
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def main(argv: list[str]) -> int:
+    try:
+        return run(load_config(argv))
+    except (ConfigError, ShardError, FileNotFoundError) as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
