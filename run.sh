@@ -24,7 +24,7 @@ setup_xla() {
 test_cpu() { setup_cpu; .venv/bin/python -m pytest -m "not xla" "$@"; }
 test_xla() { setup_xla; PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla "$@"; }
 
-# Trainium (docs/parts/trainium.md): run inside the Neuron venv (requirements-neuron.txt) or
+# Trainium (README, "Trainium"): run inside the Neuron venv (requirements-neuron.txt) or
 # the Dockerfile.neuron image. Env: PRECISION=bf16 (autocast, default) | bf16_sr | fp32;
 # NEURON_CACHE (compile cache); for several trn1.32xlarge nodes NNODES, NODE_RANK, MASTER_ADDR.
 trn1_env() {

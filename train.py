@@ -130,7 +130,7 @@ def _run(cfg, backend) -> int:
 
     def run_eval(split, max_batches=0, prefix="val"):
         m = evaluate(model, eval_loader(split), backend, max_batches)
-        fields = {"step": state["step"], **{f"{prefix}_{k}": v for k, v in m.items()}}
+        fields = {"step": state["step"], **{f"{prefix}_{k}": v for k, v in m.items()}, **backend.log_fields()}
         log.line("eval", fields, echo=progress.write)
         sink.log(fields, state["step"])
         return m
@@ -138,7 +138,7 @@ def _run(cfg, backend) -> int:
     progress = Progress(cfg.num_steps, state["step"], backend.is_main)
     stop = Stop()
     agreed = {"stop": False}  # set in a step closure, so every rank leaves at the same step
-    window = {"start": 0.0, "steps": 0, "real": 0, "all": 0}
+    window = {"start": 0.0, "real": 0, "all": 0}
     peak = backend.peak_flops()
     end = cfg.num_steps if not cfg.steps_this_run else min(cfg.num_steps, state["step"] + cfg.steps_this_run)
 
@@ -150,8 +150,7 @@ def _run(cfg, backend) -> int:
             state["skipped_in_row"] = state.get("skipped_in_row", 0) + 1
             log.message(f"step:{state['step']} skipped: non-finite gradient norm ({norm})", echo=progress.write)
 
-    def on_log(loss, real, total, stop_votes, lr, teff):
-        elapsed = time.perf_counter() - window["start"]
+    def on_log(elapsed, loss, real, total, stop_votes, lr, teff):
         state["train_time"] += elapsed
         state["tokens"] += int(real)
         state["tokens_all"] += int(total)
@@ -186,8 +185,9 @@ def _run(cfg, backend) -> int:
             totals = backend.all_reduce_sum(torch.tensor([window["real"], window["all"], int(stop.requested)],
                                                          dtype=torch.long, device=backend.device))
             loss = backend.all_reduce_sum(loss_sum) / count
-            backend.sync()
-            backend.step_closure(on_log, loss, totals[0], totals[1], totals[2], lr,
+            backend.sync()  # the window's wall time is measured here, on the host, not in the closure
+            elapsed = time.perf_counter() - window["start"]
+            backend.step_closure(on_log, elapsed, loss, totals[0], totals[1], totals[2], lr,
                                  sum(t_eff(b["doc_ids"]) for b in batches) / len(batches))
             window.update(real=0, all=0)
             if evaluating and step < cfg.num_steps:
@@ -212,7 +212,7 @@ def _run(cfg, backend) -> int:
     summary = {"step": state["step"], **{f"val_{k}": v for k, v in final.items()},
                **{f"test_{k}": v for k, v in test.items()}, "train_time": state["train_time"],
                "tokens": state["tokens"], "tokens_all": state["tokens_all"], "skipped_steps": state["skipped"],
-               **backend.memory_stats()}
+               **backend.memory_stats(), **backend.log_fields()}
     log.summary(summary)
     sink.finish()
     return 0
