@@ -103,7 +103,7 @@ def _run(cfg, backend) -> int:
     optimizer = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1,
                                 fused=backend.fused_adamw)
 
-    state = {"step": 0, "train_time": 0.0, "tokens": 0, "tokens_all": 0, "skipped": 0}
+    state = {"step": 0, "train_time": 0.0, "tokens": 0, "tokens_all": 0, "skipped": 0, "skipped_in_row": 0}
     if resume_from is not None:
         common, mine = checkpoint.load(resume_from, backend.rank, backend.world_size)
         checkpoint.check_same_run(common, asdict(mcfg), cfg.identity(), resume_from)
@@ -147,7 +147,7 @@ def _run(cfg, backend) -> int:
             state["skipped_in_row"] = 0
         else:
             state["skipped"] += 1
-            state["skipped_in_row"] = state.get("skipped_in_row", 0) + 1
+            state["skipped_in_row"] += 1
             log.message(f"step:{state['step']} skipped: non-finite gradient norm ({norm})", echo=progress.write)
 
     def on_log(elapsed, loss, real, total, stop_votes, lr, teff):
@@ -168,7 +168,7 @@ def _run(cfg, backend) -> int:
     it = iter(loader)
     backend.sync()
     window["start"] = time.perf_counter()
-    while state["step"] < end and not agreed["stop"] and state.get("skipped_in_row", 0) < cfg.max_skipped_steps:
+    while state["step"] < end and not agreed["stop"] and state["skipped_in_row"] < cfg.max_skipped_steps:
         batches = [next(it) for _ in range(cfg.grad_accum)]
         window["real"] += sum(int((b["doc_ids"] >= 0).sum()) for b in batches)
         window["all"] += sum(b["doc_ids"].numel() for b in batches)
@@ -180,7 +180,7 @@ def _run(cfg, backend) -> int:
         step = state["step"]
         evaluating = step == cfg.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
         # never save over good checkpoints while steps are being skipped
-        saving = cfg.save_every and step % cfg.save_every == 0 and not state.get("skipped_in_row")
+        saving = cfg.save_every and step % cfg.save_every == 0 and not state["skipped_in_row"]
         if step % cfg.log_every == 0 or step == end or evaluating or saving:
             totals = backend.all_reduce_sum(torch.tensor([window["real"], window["all"], int(stop.requested)],
                                                          dtype=torch.long, device=backend.device))
@@ -197,7 +197,7 @@ def _run(cfg, backend) -> int:
             window["start"] = time.perf_counter()  # evaluation and checkpoints are not train time
     progress.close()
 
-    if state.get("skipped_in_row", 0) >= cfg.max_skipped_steps:
+    if state["skipped_in_row"] >= cfg.max_skipped_steps:
         log.message(f"stopped: {cfg.max_skipped_steps} steps in a row had a non-finite gradient; "
                     f"the last good checkpoint is in {run_dir}; lower the learning rate or resume from it.")
         return 3
