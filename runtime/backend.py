@@ -18,12 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime import hardware
 from runtime.config import ConfigError
-
-# Dense BF16 peak FLOP/s by device name (torchtitan get_peak_flops). Order matters: the first
-# key found in the name wins, so "H100 PCIe" and "H100 NVL" come before plain "H100".
-PEAK_FLOPS = (("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
-              ("H100", 989e12), ("A100", 312e12), ("B200", 2250e12), ("B300", 2250e12))
 
 
 class Backend:
@@ -284,8 +280,7 @@ class CUDABackend(Backend):
                 "mem_reserved": torch.cuda.max_memory_reserved(self.device) / 2**30}
 
     def peak_flops(self):
-        name = torch.cuda.get_device_name(self.device)
-        return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+        return hardware.peak_flops(torch.cuda.get_device_name(self.device))
 
     def describe(self):
         return f"cuda x{self.world_size} ({torch.cuda.get_device_name(self.device)})"

@@ -1,0 +1,38 @@
+"""Accelerator names, peaks and prices used by MFU, bench.py and the leaderboard."""
+
+import pytest
+
+from runtime import hardware
+
+
+@pytest.mark.parametrize("line, label", [
+    ("cuda x8 (NVIDIA H100 80GB HBM3)", "8x H100-SXM"),
+    ("cuda x1 (NVIDIA H100 PCIe)", "1x H100-PCIe"),
+    ("cuda x1 (NVIDIA GH200 480GB)", "1x GH200"),
+    ("cuda x4 (NVIDIA GeForce RTX 4090)", "4x GeForce-RTX-4090"),
+    ("xla x32 (NEURON, precision bf16)", "32x trn1-NeuronCore"),
+    ("cpu x1", "1x CPU"),
+])
+def test_hardware_label_from_the_device_line(line, label):
+    assert hardware.hardware_label(line) == label
+
+
+def test_a_malformed_device_line_is_refused_by_name():
+    with pytest.raises(ValueError, match="gpu-ish"):
+        hardware.accelerator("gpu-ish")
+
+
+def test_peaks_follow_the_most_specific_name():
+    assert hardware.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.peak_flops("AMD EPYC") is None
+
+
+def test_cost_is_per_accelerator_hour_and_none_when_unpriced():
+    # 8 H100 for half an hour on a p5.48xlarge is half the instance's hourly price.
+    assert hardware.cost_usd(1800, 8, "H100-SXM") == pytest.approx(55.04 / 2)
+    # trn1.2xlarge and trn1.32xlarge price a NeuronCore the same.
+    assert hardware.INSTANCES["trn1.2xlarge"].usd_per_accelerator_hour == pytest.approx(
+        hardware.INSTANCES["trn1.32xlarge"].usd_per_accelerator_hour)
+    assert hardware.cost_usd(3600, 1, "CPU") is None
+    assert hardware.usd_per_million(275_900, 3.29) == pytest.approx(0.00331, rel=1e-2)
