@@ -123,8 +123,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    from data.benchmark import EvalLoader
     from data.datasets import resolve_dataset
-    from data.loader import EvalLoader
 
     backend = get_backend(args.device)
     backend.init_distributed()

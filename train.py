@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from data.loader import EvalLoader, TrainLoader
+from data.benchmark import EvalLoader
+from data.loader import TrainLoader
 from data.masking import MaskingConfig
 from data.shards import ShardError
 from model import build_model, flops_per_token, param_counts, t_eff

@@ -1,8 +1,7 @@
-"""Packed loaders: fixed-shape (B, L) CPU batches of whole documents.
+"""The packed training loader: fixed-shape (B, L) CPU batches of whole documents.
 
-A row holds whole documents `<cls> residues <eos>` back to back, right-padded with <pad>.
-Rows are filled first-fit from a window of the next WINDOW documents, which keeps padding
-small without reading ahead more than a few rows. A document longer than L becomes
+Rows are packed by data/packing.py (whole documents `<cls> residues <eos>`, first fit from a
+window of WINDOW documents, right-padded with <pad>). A document longer than L becomes
 `<cls> window of L-2 residues <eos>`: a random window (crop="random", ESM2) or every
 consecutive window (crop="split", each chunk its own document), so rows never hold a
 document without its <cls> and <eos>.
@@ -22,68 +21,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.masking import IGNORE, MaskingConfig, benchmark_mask_positions, mask_tokens
-from data.shards import document_bounds, read_shard
-from data.tokenizer import CLS, EOS, MASK, PAD
+from data.masking import MaskingConfig, mask_tokens
+from data.packing import MIN_DOC, WINDOW, empty_rows, open_shard, shard_tokens, take_row, write_row
 
 # Masking runs on chunks of rows below torch's parallel grain (32,768 elements), so the
 # background thread never opens an OpenMP region: on cores busy with the training step such
 # regions were measured 10-40x slower than the same work done inline (data/bench.py).
 MASK_CHUNK_ELEMENTS = 16384
-WINDOW = 64  # documents considered when filling a row; larger = less padding, more reordering
-MIN_DOC = 3  # <cls> residue <eos>: a row with less room left than this is closed
 STATE_VERSION = 1
-
-# A piece is one document as packed: (file id, offset of its first residue, residue count[, g]).
-
-
-def take_row(pending: list, seq_len: int) -> tuple[list, int]:
-    """Remove from `pending` the pieces of one row, first fit in window order; return them and
-    the room left (padding). The window's head always goes first, so nothing starves."""
-    row, kept, room = [], [], seq_len
-    for i, piece in enumerate(pending):
-        if room < MIN_DOC:
-            kept += pending[i:]
-            break
-        if piece[2] + 2 <= room:
-            row.append(piece)
-            room -= piece[2] + 2
-        else:
-            kept.append(piece)
-    pending[:] = kept
-    return row, room
-
-
-def _write_row(tokens: np.ndarray, docs: np.ndarray, r: int, row: list, sources: dict) -> list:
-    """Lay the row's pieces into row r; return each piece's offset of its first residue."""
-    o, offsets = 0, []
-    for k, (f, s, n, *_) in enumerate(row):
-        tokens[r, o] = CLS
-        tokens[r, o + 1 : o + 1 + n] = sources[f][s : s + n]
-        tokens[r, o + 1 + n] = EOS
-        docs[r, o : o + n + 2] = k
-        offsets.append(o + 1)
-        o += n + 2
-    return offsets
-
-
-def _empty(batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.full((batch_size, seq_len), PAD, np.uint8),
-        np.full((batch_size, seq_len), -1, np.int64),
-    )
-
-
-def _tokens(path) -> np.ndarray:
-    """A validated shard's tokens as a plain ndarray view of the map (slicing a np.memmap
-    subclass costs several microseconds per document)."""
-    return np.asarray(read_shard(path))
-
-
-def _open(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, starts, ends) of a validated shard."""
-    tokens = _tokens(path)
-    return (tokens, *document_bounds(tokens, path))
 
 
 class _OpenFile(NamedTuple):
@@ -103,7 +48,7 @@ class _Sources(dict):
         self.files = files
 
     def __missing__(self, fid: int) -> np.ndarray:
-        self[fid] = tokens = _tokens(self.files[fid])
+        self[fid] = tokens = shard_tokens(self.files[fid])
         return tokens
 
     def keep_only(self, live: set):
@@ -159,7 +104,7 @@ class _Packer:
             )
         fid = int(self._order[1][self.file_pos])
         if self._file is None or (self._file.epoch, self._file.fid) != (self.epoch, fid):
-            tokens, starts, ends = _open(self.files[fid])
+            tokens, starts, ends = open_shard(self.files[fid])
             n = len(starts)
             room = np.maximum(ends - starts - self.L, 0)  # crop offsets, drawn for every document
             offsets = (
@@ -193,7 +138,7 @@ class _Packer:
     def next_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """One batch. A batch never mixes epochs: the last one of an epoch ends in padding rows,
         so every batch belongs to `epoch` of the state that follows it."""
-        tokens, docs = _empty(self.B, self.L)
+        tokens, docs = empty_rows(self.B, self.L)
         for r in range(self.B):
             self._refill()
             if not self.pending and r == 0:  # the epoch is read and its rows are out: next epoch
@@ -208,7 +153,7 @@ class _Packer:
                 self.pad_tokens += self.L
                 continue
             row, room = take_row(self.pending, self.L)
-            _write_row(tokens, docs, r, row, self._sources)
+            write_row(tokens, docs, r, row, self._sources)
             self.pad_tokens += room
         self.total_tokens += self.B * self.L
         self.batches += 1
@@ -390,62 +335,3 @@ class TrainLoader:
 
     def __del__(self):
         self._stop_thread()
-
-
-class EvalLoader:
-    """Every sequence of `files` exactly once across ranks, cut to seq_len tokens, with the
-    benchmark masks (15% of residues -> <mask>, positions fixed by the sequence's global
-    index). Rank r takes sequences r, r+W, ...; every rank yields len(loader) batches, the
-    ones past its own data all padding with labels -100."""
-
-    def __init__(self, files, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1):
-        if not files:
-            raise ValueError(
-                "EvalLoader got no shards; prepare or download a dataset with valid/test splits"
-            )
-        if batch_size < 1 or seq_len < MIN_DOC or not 0 <= rank < world_size:
-            raise ValueError(
-                f"EvalLoader needs batch_size >= 1, seq_len >= {MIN_DOC} and "
-                f"0 <= rank < world_size (got {batch_size}, {seq_len}, {rank}, {world_size})"
-            )
-        self.B, self.L = batch_size, seq_len
-        self._sources, pieces = {}, []
-        for fid, path in enumerate(files):
-            tokens, starts, ends = _open(path)
-            self._sources[fid] = tokens
-            n = np.minimum(ends - starts - 2, seq_len - 2)
-            base = len(pieces)
-            pieces += [
-                (fid, int(s) + 1, int(k), base + i) for i, (s, k) in enumerate(zip(starts, n))
-            ]
-        self.num_sequences = len(pieces)
-        rows_per_rank = [self._pack(pieces[r::world_size]) for r in range(world_size)]
-        self._rows = rows_per_rank[rank]
-        self._len = max(-(-len(rows) // batch_size) for rows in rows_per_rank)
-
-    def _pack(self, pieces: list) -> list:
-        rows, pending, nxt = [], [], 0
-        while nxt < len(pieces) or pending:
-            take = WINDOW - len(pending)
-            pending += pieces[nxt : nxt + take]
-            nxt += take
-            rows.append(take_row(pending, self.L)[0])
-        return rows
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __iter__(self):
-        for b in range(self._len):
-            tokens, docs = _empty(self.B, self.L)
-            masked = []
-            for r, row in enumerate(self._rows[b * self.B : (b + 1) * self.B]):
-                for o, (_, _, n, g) in zip(_write_row(tokens, docs, r, row, self._sources), row):
-                    masked.append(r * self.L + o + benchmark_mask_positions(n, g))
-            input_ids = torch.from_numpy(tokens).long()
-            labels = torch.full_like(input_ids, IGNORE)
-            if masked:
-                flat = torch.from_numpy(np.concatenate(masked))
-                labels.view(-1)[flat] = input_ids.view(-1)[flat]
-                input_ids.view(-1)[flat] = MASK
-            yield {"input_ids": input_ids, "labels": labels, "doc_ids": torch.from_numpy(docs)}

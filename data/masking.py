@@ -1,4 +1,4 @@
-"""Masked-language-model masking: training rules and the fixed benchmark masks.
+"""Masked-language-model masking for training (the benchmark's fixed masks: data/benchmark.py).
 
 Maskable positions are residues (ids 4..31): <cls>, <pad>, <eos> are never masked, nor <unk>,
 which carries nothing to predict. Training masks use fixed-shape tensor ops only, so
@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from data.tokenizer import AA_HIGH, AA_LOW, FIRST_RESIDUE_ID, MASK
+from data.tokenizer import AA_HIGH, AA_LOW, FIRST_RESIDUE_ID, IGNORE, MASK
 
 RULES = ("esm2", "all_mask")
-IGNORE = -100  # label of positions without loss
-BENCHMARK_RATE_PERCENT = 15
-BENCHMARK_SEED = 20240520  # mixed with the sequence index: same masks in every run
 
 
 @dataclass(frozen=True)
@@ -86,21 +82,3 @@ def mask_tokens(
     inputs = torch.where(residue & (u < 0.9 * rate), random_aa, tokens)
     inputs = torch.where(residue & (u < 0.8 * rate), MASK, inputs)
     return inputs, labels
-
-
-def benchmark_mask_count(n_residues: int) -> int:
-    """round(15% of n) with halves rounded up, and at least one for any non-empty sequence,
-    so that every sequence counts (the SpeedrunningPLMs benchmark's rule for short ones)."""
-    if n_residues <= 0:
-        return 0
-    return max(1, (BENCHMARK_RATE_PERCENT * n_residues + 50) // 100)
-
-
-def benchmark_mask_positions(n_residues: int, seq_index: int) -> np.ndarray:
-    """Sorted residue offsets (0-based, after <cls>) masked in benchmark sequence `seq_index`.
-
-    Depends only on (n_residues, seq_index): identical on any world size, run or batch size.
-    """
-    rng = np.random.default_rng([BENCHMARK_SEED, seq_index])
-    order = np.argsort(rng.random(n_residues), kind="stable")
-    return np.sort(order[: benchmark_mask_count(n_residues)])

@@ -15,6 +15,7 @@ VOCAB_SIZE = len(VOCAB)
 AA_LOW, AA_HIGH = 4, 24  # the 20 standard amino acids are ids [AA_LOW, AA_HIGH)
 AA_IDS = tuple(range(AA_LOW, AA_HIGH))
 FIRST_RESIDUE_ID = 4  # ids below this are <cls> <pad> <eos> <unk>
+IGNORE = -100  # label of positions without loss (PyTorch cross_entropy's ignore_index)
 
 assert VOCAB_SIZE == 33 and VOCAB[MASK] == "<mask>" and VOCAB[AA_HIGH - 1] == "C"
 

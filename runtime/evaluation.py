@@ -1,7 +1,7 @@
 """The benchmark (DESIGN, "The benchmark"), shared by train.py, evaluate.py and the leaderboard.
 
 Default: every validation/test sequence once, 15% of its residues masked at positions fixed by
-its index (data.loader.EvalLoader), cut to 1024 tokens; loss = sum of cross-entropy over all
+its index (data.benchmark.EvalLoader), cut to 1024 tokens; loss = sum of cross-entropy over all
 masked positions / their count over the whole set, reduced across ranks with SUM;
 ppl = exp(loss); accuracy, support-weighted precision/recall/F1 and MCC from a confusion
 matrix reduced across ranks with SUM.
@@ -22,6 +22,10 @@ from torch import nn
 from data.tokenizer import CLS, EOS, FIRST_RESIDUE_ID, MASK, PAD, VOCAB_SIZE
 
 BENCH_LENGTH = 1024  # sequences are cut to this many tokens (DESIGN)
+# The official benchmark code: a submitted run log must embed exactly these sources in a
+# version the leaderboard accepts (leaderboard.py verify).
+BENCHMARK_FILES = ("data/benchmark.py", "data/packing.py", "data/shards.py", "data/tokenizer.py",
+                   "runtime/evaluation.py")
 V = VOCAB_SIZE
 
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import EvalLoader, TrainLoader
-from data.masking import IGNORE, MaskingConfig, benchmark_mask_count
+from data.benchmark import EvalLoader, benchmark_mask_count
+from data.loader import TrainLoader
+from data.masking import MaskingConfig
 from data.shards import join_documents, write_shard
-from data.tokenizer import CLS, EOS, MASK, PAD
+from data.tokenizer import CLS, EOS, IGNORE, MASK, PAD
 
 L = 64
 

@@ -2,14 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.masking import (
-    IGNORE,
-    MaskingConfig,
-    benchmark_mask_count,
-    benchmark_mask_positions,
-    mask_tokens,
-)
-from data.tokenizer import AA_HIGH, AA_LOW, CLS, EOS, MASK, PAD, UNK
+from data.benchmark import benchmark_mask_count, benchmark_mask_positions
+from data.masking import MaskingConfig, mask_tokens
+from data.tokenizer import AA_HIGH, AA_LOW, CLS, EOS, IGNORE, MASK, PAD, UNK
 
 
 def batch(seed=0, b=64, length=1024):

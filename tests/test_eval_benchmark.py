@@ -10,7 +10,7 @@ import torch
 from train_support import write_tiny_shards
 
 import evaluate as evaluate_py
-from data.loader import EvalLoader
+from data.benchmark import EvalLoader
 from runtime.backend import CPUBackend
 from runtime.evaluation import Unigram, evaluate, metrics, splm_batches
 
