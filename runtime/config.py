@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from runtime.tracks import TRACKS
+
 DEFAULT_CONFIG = "config/speedrun.yaml"
 DICT_KEYS = ("model_args", "optim")
 
@@ -57,6 +59,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for cuda) | true | false
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, CUDA only
     seed: int = 0
+    track: str = ""  # the leaderboard track this run claims (runtime/tracks.py), "" = none
     # outputs
     log_name: str = ""  # "" = <config name>-<time>
     log_dir: str = "logs"
@@ -221,6 +224,11 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key {key!r} is {getattr(cfg, key)}; it must be in [0, 1].")
     if cfg.mask_rate <= 0:
         raise ConfigError(f"config key 'mask_rate' is {cfg.mask_rate}; it must be > 0 or there is nothing to learn.")
+    if cfg.track and cfg.track not in TRACKS:
+        raise ConfigError(f"--track {cfg.track!r} is not a leaderboard track; use one of {', '.join(TRACKS)} or leave it empty.")
+    if cfg.track and TRACKS[cfg.track].data != cfg.data:
+        raise ConfigError(f"--track {cfg.track} is scored on data {TRACKS[cfg.track].data!r}, not {cfg.data!r}; "
+                          f"run with --data {TRACKS[cfg.track].data} or claim no track.")
     if cfg.resume not in ("", "auto") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume!r} is not a checkpoint directory; use --resume auto or a path under {cfg.checkpoint_dir}/.")
 

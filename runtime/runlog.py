@@ -71,7 +71,7 @@ def format_value(key: str, v) -> str:
         return str(v)
     if key in ("lr",):
         return f"{v:.3e}"
-    if key in ("train_time",):
+    if key in ("train_time", "warmup_time"):
         return f"{v:.1f}s"
     if key in ("step_avg",):
         return f"{v:.1f}ms"

@@ -53,6 +53,8 @@ def test_speedrun_yaml_lists_every_option():
     (["--model", "huge"], ["huge", "preset"]),
     (["--model_args.layers", "2"], ["layers"]),
     (["--optim.lr", "-1"], ["lr"]),
+    (["--track", "esm2-9m"], ["esm2-9m", "esm2-8m", "cpu-sample"]),
+    (["--track", "esm2-8m"], ["esm2-8m", "omg_prot50", "sample"]),  # sample data cannot claim it
 ])
 def test_bad_input_is_one_sentence(argv, words):
     with pytest.raises(ConfigError) as e:

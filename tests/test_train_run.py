@@ -29,7 +29,8 @@ def fields(line: str) -> dict:
 def test_step_lines_carry_every_field(run):
     _, _, _, text = run
     steps = [fields(x) for x in text.splitlines() if x.startswith("step:") and " loss:" in x]
-    assert [s["step"] for s in steps] == ["3/12", "6/12", "9/12", "12/12"]
+    # step 1 is the warm-up step, logged on its own line whatever log_every says
+    assert [s["step"] for s in steps] == ["1/12", "3/12", "6/12", "9/12", "12/12"]
     for s in steps:
         assert list(s)[: len(STEP_KEYS)] == STEP_KEYS
         assert s["mfu"] == "n/a"  # no known CPU peak
@@ -57,13 +58,18 @@ def test_eval_lines_and_ppl_is_exp_loss(run):
 def test_jsonl_matches_the_text(run):
     _, _, records, text = run
     steps = [r for r in records if r["kind"] == "step"]
-    assert list(losses(records)) == [3, 6, 9, 12]
+    assert list(losses(records)) == [1, 3, 6, 9, 12]
     printed = [float(fields(x)["loss"]) for x in text.splitlines() if x.startswith("step:") and " loss:" in x]
     assert printed == [round(r["loss"], 4) for r in steps]
     tokens = [r["tokens"] for r in steps]
     assert tokens == sorted(tokens) and tokens[-1] <= 12 * 512
     assert all(r["tokens_all"] if "tokens_all" in r else True for r in steps)
-    assert steps[-1]["train_time"] == pytest.approx(steps[-1]["step_avg"] * 12 / 1000, rel=1e-9)
+    # train_time leaves out the warm-up step, whose time is logged as warmup_time
+    assert steps[-1]["train_time"] == pytest.approx(steps[-1]["step_avg"] * 11 / 1000, rel=1e-9)
+    assert steps[0]["warmup_time"] > 0 and steps[0]["train_time"] == 0 and steps[0]["step_avg"] is None
+    assert all("warmup_time" not in r for r in steps[1:])
+    summary = [r for r in records if r["kind"] == "summary"][0]
+    assert summary["warmup_time"] == steps[0]["warmup_time"] and summary["train_time"] == steps[-1]["train_time"]
 
 
 def test_header_holds_sources_with_their_hashes(run):
