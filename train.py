@@ -102,7 +102,7 @@ def _run(cfg, backend) -> int:
     counts = param_counts(model)
     model = backend.prepare_model(model, cfg)
     optimizer = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1,
-                                fused=backend.fused_adamw)
+                                fused=backend.fused_adamw, ns_dtype=backend.muon_dtype)
 
     # warmup_time: the first step of every process (compilation, allocator and cache warm-up),
     # timed apart and left out of train_time, as the speedrun convention asks.

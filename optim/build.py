@@ -58,7 +58,8 @@ class CombinedOptimizer:
 
 
 def build_optimizer(
-    model: nn.Module, ocfg: OptimConfig, *, distributed: bool = False, fused: bool = False
+    model: nn.Module, ocfg: OptimConfig, *, distributed: bool = False, fused: bool = False,
+    ns_dtype: torch.dtype = torch.bfloat16,
 ) -> CombinedOptimizer:
     """AdamW for embeddings, head and scalars (and hidden matrices with name="adamw"); Muon for
     hidden matrices with name="muon".
@@ -66,6 +67,7 @@ def build_optimizer(
     distributed: spread Muon's orthogonalisation across the ranks of torch.distributed (used
     only when it is initialised with more than one rank). fused: the caller's choice for
     AdamW(fused=...) on devices that support it (never on XLA); foreach is torch's default.
+    ns_dtype: the caller's (the runtime's) dtype for Muon's Newton-Schulz iteration.
     """
     groups = build_param_groups(model, ocfg)
     parts: dict[str, torch.optim.Optimizer] = {}
@@ -82,5 +84,6 @@ def build_optimizer(
             momentum=ocfg.muon_momentum_start,
             ns_steps=ocfg.muon_ns_steps,
             distributed=distributed,
+            ns_dtype=ns_dtype,
         )
     return CombinedOptimizer(parts)

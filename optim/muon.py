@@ -18,8 +18,10 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T for G = U S V^T (G is (..., rows, cols)), computed in bf16.
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately U V^T for G = U S V^T (G is (..., rows, cols)), computed in `dtype`:
+    bf16 on GPUs and Trainium; fp32 where bf16 matmuls are slow (CPUs without bf16 units,
+    where bf16 measured 12x slower than fp32 for the sample model's matrices).
 
     The result's singular values are not exactly 1 but lie in a band around it, which is
     what Muon needs and costs far fewer iterations than converging.
@@ -27,7 +29,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got a tensor of shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide form so X X^T is the smaller Gram matrix
         X = X.mT
@@ -54,7 +56,7 @@ class Muon(torch.optim.Optimizer):
     distributed=True, when torch.distributed is initialised with more than one rank: every rank
     keeps the momentum of every parameter (so every rank's state is the whole state, and a
     checkpoint from rank 0 is complete), but each rank orthogonalises only its share of the
-    parameters; the bf16 updates are all-gathered so every rank applies identical updates.
+    parameters; the updates (in ns_dtype) are all-gathered so every rank applies identical ones.
     Gradients must already be identical on all ranks (after DDP's reduction).
     """
 
@@ -67,6 +69,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         weight_decay: float = 0.0,
         distributed: bool = False,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ):
         defaults = dict(
             lr=lr,
@@ -77,6 +80,7 @@ class Muon(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.distributed = distributed
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -102,14 +106,14 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The orthogonalised update of one parameter, as a flat bf16 vector (momentum already advanced)."""
+        """The orthogonalised update of one parameter, a flat ns_dtype vector (momentum already advanced)."""
         g = p.grad
         buf = self.state[p]["momentum_buffer"]
         if group["nesterov"]:
             g = g.lerp(buf, group["momentum"])
         else:
             g = buf
-        return zeropower_via_newtonschulz5(_as_matrix(g), steps=group["ns_steps"]).flatten()
+        return zeropower_via_newtonschulz5(_as_matrix(g), steps=group["ns_steps"], dtype=self.ns_dtype).flatten()
 
     def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
         rows, cols = _as_matrix(p).shape
@@ -146,8 +150,8 @@ class Muon(torch.optim.Optimizer):
                 if mine < len(bucket):
                     local = self._update(bucket[mine], group)
                 else:
-                    local = torch.zeros(numel, dtype=torch.bfloat16, device=bucket[0].device)
-                gathered = torch.empty(world * numel, dtype=torch.bfloat16, device=local.device)
+                    local = torch.zeros(numel, dtype=self.ns_dtype, device=bucket[0].device)
+                gathered = torch.empty(world * numel, dtype=self.ns_dtype, device=local.device)
                 work = _all_gather_flat(gathered, local, async_op=True)
                 # Apply the previous chunk while this one is in flight.
                 if pending is not None:

@@ -28,6 +28,10 @@ class Backend:
     name = "cpu"
     dist_backend = "gloo"
     fused_adamw = False  # AdamW(fused=True) where the device has the kernel
+    static_shapes = False  # True where every new input shape compiles a new graph (XLA)
+    # Muon's Newton-Schulz dtype: fp32 on the CPU, where bf16 matmuls (no bf16 units on most
+    # CPUs) measured 12x slower; accelerators override with bf16.
+    muon_dtype = torch.float32
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -175,6 +179,16 @@ class Backend:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"mem": kib / 2**20 if sys.platform != "darwin" else kib / 2**30}
 
+    def reset_peak_memory(self) -> None:
+        """Restarts the peak that memory_stats() reports, so it covers only what follows
+        (bench.py: each configuration's own peak). On Linux this resets the process's peak
+        RSS (/proc/self/clear_refs); where that is refused, the peak stays since start."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
     def peak_flops(self) -> float | None:
         return None  # no meaningful CPU peak: MFU is logged as n/a
 
@@ -204,6 +218,7 @@ class CUDABackend(Backend):
     name = "cuda"
     dist_backend = "nccl"
     fused_adamw = True
+    muon_dtype = torch.bfloat16
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -278,6 +293,10 @@ class CUDABackend(Backend):
     def memory_stats(self):
         return {"mem": torch.cuda.max_memory_allocated(self.device) / 2**30,
                 "mem_reserved": torch.cuda.max_memory_reserved(self.device) / 2**30}
+
+    def reset_peak_memory(self):
+        torch.cuda.empty_cache()  # blocks cached by a previous configuration are not its peak
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_flops(self):
         return hardware.peak_flops(torch.cuda.get_device_name(self.device))

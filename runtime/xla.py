@@ -83,6 +83,8 @@ class XLABackend(Backend):
 
     name = "xla"
     dist_backend = "xla"
+    static_shapes = True
+    muon_dtype = torch.bfloat16  # Trainium's matmul units are bf16
 
     def __init__(self, cfg=None):
         super().__init__(cfg)

@@ -46,8 +46,8 @@ def worker(rank, init_file, out_dir):
         opt = Muon(spread, lr=0.02, weight_decay=0.1, distributed=True)
         calls = []
         original = optim.muon.zeropower_via_newtonschulz5
-        optim.muon.zeropower_via_newtonschulz5 = lambda g, steps: (
-            calls.append(g.shape) or original(g, steps)
+        optim.muon.zeropower_via_newtonschulz5 = lambda g, steps, dtype: (
+            calls.append(g.shape) or original(g, steps, dtype)
         )
         run_steps(spread, opt)
         optim.muon.zeropower_via_newtonschulz5 = original

@@ -13,14 +13,15 @@ def with_singular_values(rows, cols, svals, seed=0):
     return u @ torch.diag(svals) @ v.T, u @ v.T
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,cols", [(32, 32), (24, 64), (64, 24)])
-def test_newton_schulz_is_near_the_polar_factor(rows, cols):
+def test_newton_schulz_is_near_the_polar_factor(rows, cols, dtype):
     # Singular values spread over a decade: all >= 1% of the Frobenius norm, where 5 quintic
     # steps land every one in [0.68, 1.14] in exact arithmetic (bf16 widens it slightly).
     k = min(rows, cols)
     g, polar = with_singular_values(rows, cols, torch.logspace(0, -1, k))
-    out = zeropower_via_newtonschulz5(g)
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, cols)
+    out = zeropower_via_newtonschulz5(g, dtype=dtype)
+    assert out.dtype == dtype and out.shape == (rows, cols)
     s = torch.linalg.svdvals(out.float())
     assert s.min() > 0.65 and s.max() < 1.2, (s.min(), s.max())
     # Same singular vectors as the exact U V^T: only the singular values are approximate.
