@@ -228,7 +228,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--track {cfg.track!r} is not a leaderboard track; use one of {', '.join(TRACKS)} or leave it empty.")
     if cfg.track and TRACKS[cfg.track].data != cfg.data:
         raise ConfigError(f"--track {cfg.track} is scored on data {TRACKS[cfg.track].data!r}, not {cfg.data!r}; "
-                          f"run with --data {TRACKS[cfg.track].data} or claim no track.")
+                          f"run with --data {TRACKS[cfg.track].data} or claim no track (--track \"\").")
     if cfg.resume not in ("", "auto") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume!r} is not a checkpoint directory; use --resume auto or a path under {cfg.checkpoint_dir}/.")
 

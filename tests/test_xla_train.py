@@ -29,7 +29,7 @@ TINY = ["--config", "config/sample.yaml", "--model_args.n_layers", "2", "--model
         "--model_args.n_heads", "2", "--model_args.d_ff", "128", "--batch_size", "512",
         "--max_length", "128", "--num_steps", str(STEPS), "--log_every", "1", "--eval_every", "6",
         "--eval_batch_size", "2048", "--eval_max_batches", "2", "--save_every", "8",
-        "--optim.warmup_steps", "2", "--precision", "fp32", "--seed", "3"]
+        "--optim.warmup_steps", "2", "--precision", "fp32", "--seed", "3", "--track", ""]
 # CPU-runtime compiles take tens of seconds at XLA's default optimisation level; the graph
 # count does not depend on it.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
