@@ -8,6 +8,7 @@ and timing syncs. CPUBackend and CUDABackend live here; XLABackend in runtime/xl
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import math
 import os
@@ -181,8 +182,13 @@ class Backend:
 
     def reset_peak_memory(self) -> None:
         """Restarts the peak that memory_stats() reports, so it covers only what follows
-        (bench.py: each configuration's own peak). On Linux this resets the process's peak
-        RSS (/proc/self/clear_refs); where that is refused, the peak stays since start."""
+        (bench.py: each configuration's own peak). On Linux: freed heap pages go back to the
+        system (glibc malloc_trim), then the process's peak RSS restarts from what is left
+        (/proc/self/clear_refs); where either is refused, the peak stays since start."""
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
