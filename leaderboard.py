@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from runtime.hardware import PRICE_TABLE_DATE, PRICES
@@ -64,11 +63,20 @@ def collect(logs: Path) -> tuple[list[Verdict], list[tuple[Path, str]]]:
     return verdicts, rejected
 
 
-def submission(v: Verdict) -> tuple:
-    """What makes runs repeats of one submission: track, hardware, code and recipe."""
-    code = sorted({(s.path, s.sha256) for seg in v.log.segments for s in seg.sources})
-    recipe = sorted((k, repr(x)) for k, x in v.log.config.items() if k not in RUN_KEYS)
-    return v.track.name, v.hardware, tuple(code), tuple(recipe)
+def same_submission(a: Verdict, b: Verdict) -> bool:
+    """Runs are repeats of one submission when track, hardware and recipe (the config apart
+    from seed and output paths) are equal and every source both embed has the same sha256. A
+    file only one of them embeds does not count: which modules a run imports can depend on the
+    machine's state (the shipped sample is prepared, importing data/prepare.py, on first use)."""
+    def recipe(v):
+        return {k: x for k, x in v.log.config.items() if k not in RUN_KEYS}
+
+    def code(v):
+        return {s.path: s.sha256 for seg in v.log.segments for s in seg.sources}
+
+    ca, cb = code(a), code(b)
+    return ((a.track.name, a.hardware) == (b.track.name, b.hardware) and recipe(a) == recipe(b)
+            and all(ca[p] == cb[p] for p in ca.keys() & cb.keys()))
 
 
 def statuses(runs: list[Verdict]) -> tuple[dict[int, str], list[str]]:
@@ -77,11 +85,14 @@ def statuses(runs: list[Verdict]) -> tuple[dict[int, str], list[str]]:
     distinct seeds all reach the target, its time being their mean; in the order they were run,
     a confirmed submission takes the record of its hardware when its mean beats the record's by
     more than the larger of the two spreads (slowest run - fastest run)."""
-    groups = defaultdict(list)
+    groups: list[list[Verdict]] = []
     for v in runs:
-        groups[submission(v)].append(v)
+        group = next((g for g in groups if same_submission(g[0], v)), None)
+        if group is None:
+            groups.append(group := [])
+        group.append(v)
     status, confirmed = {}, []
-    for group in groups.values():
+    for group in groups:
         reached = [v for v in group if v.reached]
         seeds = {v.log.config.get("seed") for v in reached}
         missed = len(group) - len(reached)

@@ -174,6 +174,8 @@ def verify(path: str | Path, track: str | None = None, tracks: dict[str, Track] 
     elif claimed and log.config.get("data") != claimed.data:
         fail(None, f"it claims track {claimed.name}, scored on data {claimed.data!r}, but trained and "
                    f"evaluated on data {log.config.get('data')!r}.")
+    if claimed and run is not None:
+        check_splits(claimed, run, fail)
     if fail.items:
         raise Rejected(fail.items[:MAX_PROBLEMS] + ([f"... and {len(fail.items) - MAX_PROBLEMS} more"]
                                                      if len(fail.items) > MAX_PROBLEMS else []))
@@ -492,6 +494,16 @@ def _same_value(text, value) -> bool:
         return agree(text, value)
     except ValueError:
         return str(text) == str(value)
+
+
+def check_splits(track: Track, run: _Run, fail) -> None:
+    """The final evaluations scored the track's own validation and test splits: their masked
+    token counts are the splits' fingerprints (runtime/tracks.py)."""
+    for split, line, expected in (("val", run.final, track.val_tokens), ("test", run.test, track.test_tokens)):
+        got = line.num(f"{split}_tokens") if line is not None else None
+        if expected is not None and got is not None and got != expected:
+            fail(line.lineno, f"the final {split} evaluation scored {int(got):,} masked tokens, but the "
+                              f"{track.name} {split} split has {expected:,}: it was not the track's data.")
 
 
 def _verdict(path: Path, log: RunLogFile, lines: list[Line], track: Track | None, run: _Run) -> Verdict:

@@ -17,6 +17,11 @@ class Track:
     target: float  # validation loss to reach (<=) on the full validation split
     data: str  # the dataset the run must train and evaluate on (config key `data`)
     about: str
+    # Masked tokens of the full validation / test split under the benchmark: a fingerprint of
+    # the splits (a run scored on other sequences shows other counts). None = not yet
+    # measured; fill it from the first verified run on the dataset, in a reviewed PR.
+    val_tokens: int | None = None
+    test_tokens: int | None = None
 
 
 TRACKS = {t.name: t for t in (
@@ -25,5 +30,6 @@ TRACKS = {t.name: t for t in (
     Track("esm2-150m", 2.390, "omg_prot50", "ESM2-150M's OMGprot50 validation loss"),
     Track("esm2-650m", 2.267, "omg_prot50", "ESM2-650M's OMGprot50 validation loss"),
     Track("cpu-sample", 2.85, "sample",
-          "the shipped 20k UniProt sample on a CPU (development track; not comparable with OMGprot50)"),
+          "the shipped 20k UniProt sample on a CPU (development track; not comparable with OMGprot50)",
+          val_tokens=61697, test_tokens=61130),
 )}

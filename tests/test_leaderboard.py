@@ -2,6 +2,7 @@
 rejects each kind of tampering with a message naming it; render ranks, rejects and plots; plot
 draws any runs."""
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -201,6 +202,19 @@ def test_a_track_on_other_data_is_rejected(runs):
         verify(logs / "good.txt", track="esm2-8m")
 
 
+def test_evaluations_on_other_splits_are_rejected(runs):
+    """A track fixes its splits by their masked-token counts: a run scored elsewhere is caught."""
+    logs, _ = runs
+    v = verify(logs / "good.txt")
+    target = max(loss for _, loss in val_losses(logs / "good.txt"))
+    val = int(v.log.summary["val_tokens"])
+    right = dataclasses.replace(tiny_track(runs, target), val_tokens=val)
+    assert verify(logs / "good.txt", track="tiny", tracks={"tiny": right}).reached
+    wrong = dataclasses.replace(right, val_tokens=val + 1)
+    with pytest.raises(Rejected, match=f"scored {val:,} masked tokens, but the tiny val split has {val + 1:,}"):
+        verify(logs / "good.txt", track="tiny", tracks={"tiny": wrong})
+
+
 def test_a_file_that_is_not_a_run_log_exits_2(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("hello\n")
@@ -253,6 +267,29 @@ def test_three_seeds_of_one_submission_make_a_record(runs, tmp_path, monkeypatch
     status, records = leaderboard.statuses(verdicts)
     assert status[id(verdicts[0])].startswith("confirmed: mean")
     assert len(records) == 1 and records[0].startswith("Record on 1x CPU:") and "seed2" in records[0]
+
+
+def without_source(text: str, path: str) -> str:
+    """The log without one embedded source block (as when a run did not import that module)."""
+    start = text.index(f"{BAR}\nsource: {path} sha256:")
+    end = text.index(f"{BAR}\nsource: ", start + len(BAR) + 1)
+    return text[:start] + text[end:]
+
+
+def test_a_source_only_one_run_embeds_does_not_split_a_submission(runs, tmp_path, monkeypatch):
+    logs, _ = runs
+    monkeypatch.setitem(TRACKS, "tiny", tiny_track(runs, 9.0))
+    one = verify(copy(runs, tmp_path, edit=claim_tiny, as_name="one"))
+    # e.g. data/prepare.py is imported only by the run that prepared the sample first
+    two = verify(copy(runs, tmp_path, edit=lambda t: without_source(claim_tiny(t), "optim/schedules.py"),
+                      as_name="two"))
+    assert leaderboard.same_submission(one, two)
+    def other_rate(text):  # in the config block, the last mask_rate line (not the embedded yaml)
+        i = text.rindex("\nmask_rate: 0.2\n")
+        return claim_tiny(text[:i] + "\nmask_rate: 0.3\n" + text[i + len("\nmask_rate: 0.2\n"):])
+
+    other_recipe = verify(copy(runs, tmp_path, edit=other_rate, as_name="three"))
+    assert not leaderboard.same_submission(one, other_recipe)
 
 
 def test_plot_draws_any_runs(runs, tmp_path):
