@@ -28,7 +28,7 @@ from optim import apply_schedule, build_optimizer
 from runtime import checkpoint
 from runtime.backend import get_backend
 from runtime.config import ConfigError, load_config, model_config, optim_config
-from runtime.data_setup import resolve_data
+from runtime.data_setup import resolve_data, split_digest
 from runtime.evaluation import BENCH_LENGTH, evaluate
 from runtime.runlog import RunLog, environment
 from runtime.sinks import make_sink
@@ -120,7 +120,9 @@ def _run(cfg, backend) -> int:
     config_dict = cfg.to_dict()
     notes = {"params": counts["total"], "params_non_embedding": counts["non_embedding"],
              "params_matmul": counts["matmul"], "micro_batch": f"{rows}x{cfg.max_length}",
-             "resumed_from": str(resume_from) if resume_from else "-"}
+             "resumed_from": str(resume_from) if resume_from else "-",
+             **({"valid_sha256": split_digest(files.valid), "test_sha256": split_digest(files.test)}
+                if backend.is_main else {})}
     log.header(config_dict, environment(backend), extra_sources=[cfg.config_file], notes=notes)
     sink = make_sink(cfg, config_dict, backend.is_main)
 

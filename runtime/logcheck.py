@@ -175,7 +175,7 @@ def verify(path: str | Path, track: str | None = None, tracks: dict[str, Track] 
         fail(None, f"it claims track {claimed.name}, scored on data {claimed.data!r}, but trained and "
                    f"evaluated on data {log.config.get('data')!r}.")
     if claimed and run is not None:
-        check_splits(claimed, run, fail)
+        check_splits(claimed, log, run, fail)
     if fail.items:
         raise Rejected(fail.items[:MAX_PROBLEMS] + ([f"... and {len(fail.items) - MAX_PROBLEMS} more"]
                                                      if len(fail.items) > MAX_PROBLEMS else []))
@@ -496,9 +496,16 @@ def _same_value(text, value) -> bool:
         return str(text) == str(value)
 
 
-def check_splits(track: Track, run: _Run, fail) -> None:
+def check_splits(track: Track, log: RunLogFile, run: _Run, fail) -> None:
     """The final evaluations scored the track's own validation and test splits: their masked
-    token counts are the splits' fingerprints (runtime/tracks.py)."""
+    token counts are the splits' fingerprints, and where the track pins the shards' sha256,
+    every process of the run must have recorded those (runtime/tracks.py)."""
+    for key in ("valid_sha256", "test_sha256"):
+        expected = getattr(track, key)
+        for seg in log.segments if expected else ():
+            if seg.notes.get(key) != expected:
+                fail(None, f"its {key} is {seg.notes.get(key)!r}, not the {track.name} split's {expected[:12]}...: "
+                           "it was not scored on the track's data (or was run before logs recorded it).")
     for split, line, expected in (("val", run.final, track.val_tokens), ("test", run.test, track.test_tokens)):
         got = line.num(f"{split}_tokens") if line is not None else None
         if expected is not None and got is not None and got != expected:

@@ -22,6 +22,10 @@ class Track:
     # measured; fill it from the first verified run on the dataset, in a reviewed PR.
     val_tokens: int | None = None
     test_tokens: int | None = None
+    # sha256 of the validation / test shard bytes (runtime/data_setup.split_digest), which run
+    # logs record as valid_sha256 / test_sha256 since 2026-11-22; None = not pinned yet.
+    valid_sha256: str | None = None
+    test_sha256: str | None = None
 
 
 TRACKS = {t.name: t for t in (

@@ -213,6 +213,13 @@ def test_evaluations_on_other_splits_are_rejected(runs):
     wrong = dataclasses.replace(right, val_tokens=val + 1)
     with pytest.raises(Rejected, match=f"scored {val:,} masked tokens, but the tiny val split has {val + 1:,}"):
         verify(logs / "good.txt", track="tiny", tracks={"tiny": wrong})
+    # a track that pins its shards' sha256: the log records the digest of what it evaluated on
+    digest = v.log.segments[0].notes["valid_sha256"]
+    pinned = dataclasses.replace(right, valid_sha256=digest)
+    assert verify(logs / "good.txt", track="tiny", tracks={"tiny": pinned}).reached
+    other = dataclasses.replace(right, valid_sha256="0" * 64)
+    with pytest.raises(Rejected, match="its valid_sha256 is .* not the tiny split's 000000000000"):
+        verify(logs / "good.txt", track="tiny", tracks={"tiny": other})
 
 
 def test_a_file_that_is_not_a_run_log_exits_2(tmp_path):

@@ -77,6 +77,11 @@ def test_header_holds_sources_with_their_hashes(run):
     sources = dict(re.findall(r"^source: (\S+) sha256:([0-9a-f]{64})$", text, re.M))
     for name in ("train.py", "runtime/backend.py", "model/speedrun.py", "data/loader.py", "config/sample.yaml"):
         assert sources[name] == hashlib.sha256((ROOT / name).read_bytes()).hexdigest(), name
+    # the validation and test shards' sha256, so a leaderboard track can pin its data
+    tmp = run[0]
+    for split in ("valid", "test"):
+        digest = hashlib.sha256((tmp / "data" / f"tiny_{split}_000000.bin").read_bytes()).hexdigest()
+        assert re.search(rf"^{split}_sha256: {digest}$", text, re.M), split
     assert "\nenvironment\n" in text and "world_size: 1" in text and "\nconfig\n" in text
     assert "num_steps: 12" in text  # the resolved config, overrides applied
     assert re.search(r"^summary$", text, re.M) and re.search(r"^test_loss:\d", text, re.M)
