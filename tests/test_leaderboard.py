@@ -137,7 +137,8 @@ TAMPERING = {
     "benchmark code replaced": (rewrite_benchmark, "data/benchmark.py (sha256"),
     "tokens above step x batch": (set_field("step:3/12 loss:", "tokens", "99999"),
                                   "tokens:99999 at step 3 exceeds step x batch_size = 1536"),
-    "train_time backwards": (set_field("step:9/12 loss:", "train_time", "0.1s"), "goes backwards"),
+    # step 6 claims more time than step 9 has (whatever the machine's speed): time goes back at 9
+    "train_time backwards": (set_field("step:6/12 loss:", "train_time", "999.0s"), "goes backwards"),
     "eval moved off eval_every": (lambda t: t.replace("step:6/12 val_loss", "step:5/12 val_loss"),
                                   "validation line at step 5, which is neither a multiple of eval_every=6"),
     "final eval deleted": (drop_line("step:12/12 val_loss"), "no final validation line at num_steps=12"),
