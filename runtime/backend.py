@@ -31,7 +31,7 @@ class Backend:
     fused_adamw = False  # AdamW(fused=True) where the device has the kernel
     static_shapes = False  # True where every new input shape compiles a new graph (XLA)
     # Muon's Newton-Schulz dtype: fp32 on the CPU, where bf16 matmuls (no bf16 units on most
-    # CPUs) measured 12x slower; accelerators override with bf16.
+    # CPUs) measured 18-22x slower (python -m optim.bench); accelerators override with bf16.
     muon_dtype = torch.float32
 
     def __init__(self, cfg=None):
