@@ -590,7 +590,7 @@ def parse_args(argv=None):
     m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: the device's default (CPU fp32, CUDA and XLA bf16 autocast)")
     m.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
-                   help="torch.compile where the backend compiles (CUDA); the CPU backend does not")
+                   help="torch.compile: auto = on CUDA only; true compiles on the CPU too")
     m.add_argument("--attn", choices=ATTN_IMPLS, help="our attention (default: the device's choice)")
     m.add_argument("--no_hf", "--no-hf", dest="no_hf", action="store_true", help="ours only")
     m.add_argument("--model_args", nargs="*", default=[], metavar="KEY=VALUE",

@@ -97,6 +97,7 @@ def _run(cfg, backend) -> int:
 
     torch.manual_seed(cfg.seed)  # the model is built on the CPU, so every device starts alike
     mcfg = model_config(cfg, **backend.model_defaults())
+    backend.check_trainable(mcfg)
     ocfg = optim_config(cfg)
     model = build_model(mcfg)
     counts = param_counts(model)

@@ -55,6 +55,12 @@ def _describe(shapes: dict) -> str:
 
 def load_state_dict_checked(model: nn.Module, sd: dict) -> None:
     """Strict load whose error names both shapes instead of torch's list of tensors."""
+    model.load_state_dict(check_state_dict(model, sd), strict=True)
+
+
+def check_state_dict(model: nn.Module, sd: dict) -> dict:
+    """`sd` without wrapper prefixes, after checking that it has exactly the model's names and
+    (global) shapes; otherwise a ValueError naming the first difference."""
     sd = _unwrapped_state_dict(sd)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
@@ -70,4 +76,4 @@ def load_state_dict_checked(model: nn.Module, sd: dict) -> None:
             f"checkpoint ({_describe(have)}) does not fit the model ({_describe(want)}): {detail}; "
             "build the model from the checkpoint's own config (model.io.load_weights)."
         )
-    model.load_state_dict(sd, strict=True)
+    return sd

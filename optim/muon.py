@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
 # Quintic coefficients tuned to push every singular value into a band around 1 in few steps.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -58,6 +59,9 @@ class Muon(torch.optim.Optimizer):
     checkpoint from rank 0 is complete), but each rank orthogonalises only its share of the
     parameters; the updates (in ns_dtype) are all-gathered so every rank applies identical ones.
     Gradients must already be identical on all ranks (after DDP's reduction).
+
+    Sharded parameters (FSDP2 DTensors) keep their momentum sharded; every rank gathers each
+    gradient, orthogonalises it whole and applies its own shard of the update.
     """
 
     def __init__(
@@ -106,21 +110,29 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The orthogonalised update of one parameter, a flat ns_dtype vector (momentum already advanced)."""
+        """The orthogonalised update of one parameter, a flat ns_dtype vector (momentum already advanced).
+        A sharded parameter (FSDP2 DTensor) is orthogonalised whole: its gradient is gathered."""
         g = p.grad
         buf = self.state[p]["momentum_buffer"]
         if group["nesterov"]:
             g = g.lerp(buf, group["momentum"])
         else:
             g = buf
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
         return zeropower_via_newtonschulz5(_as_matrix(g), steps=group["ns_steps"], dtype=self.ns_dtype).flatten()
 
     def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
         rows, cols = _as_matrix(p).shape
         scale = max(1.0, rows / cols) ** 0.5
+        update = update.view(p.shape).to(p.dtype)
+        if isinstance(p, DTensor):  # every rank has the whole update: keep this rank's shard
+            mesh = p.device_mesh
+            update = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            update = update.redistribute(mesh, p.placements)
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+        p.add_(update, alpha=-group["lr"] * scale)
 
     def _step_group(self, group: dict, rank: int, world: int) -> None:
         # Under DDP every rank sees the same set of gradients, so this list agrees across ranks.
@@ -131,7 +143,9 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
 
-        if world == 1:
+        # FSDP2 shards parameters: every rank gathers each gradient (a collective, in the same
+        # order on every rank) and orthogonalises all of them, rather than a share of them.
+        if world == 1 or any(isinstance(p, DTensor) for p in params):
             for p in params:
                 self._apply(p, self._update(p, group), group)
             return

@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from runtime import hardware
 from runtime.config import ConfigError
@@ -34,11 +35,16 @@ class Backend:
     # CPUs) measured 18-22x slower (python -m optim.bench); accelerators override with bf16.
     muon_dtype = torch.float32
 
+    compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
+
     def __init__(self, cfg=None):
         self.cfg = cfg
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self.device = torch.device("cpu")
         self.dtype = None  # autocast dtype, None = fp32
+        choice = self._option("compile", "auto")
+        self.compile = choice == "true" or (choice == "auto" and self.compile_default)
+        self.fsdp = bool(self._option("fsdp", False))
 
     @property
     def is_main(self) -> bool:
@@ -77,11 +83,40 @@ class Backend:
         """ModelConfig fields this device prefers (the user's model_args still win)."""
         return {}
 
+    flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
+
+    def check_trainable(self, mcfg) -> None:
+        """Refuses, in one sentence, a model configuration this device cannot train."""
+        if mcfg.attn_impl == "flex" and not self.flex_backward:
+            raise ConfigError(f"attn_impl 'flex' cannot be trained on {self.name} (flex attention's backward "
+                              "runs only on CUDA); use --model_args.attn_impl sdpa.")
+
     def prepare_model(self, model: nn.Module, cfg=None) -> nn.Module:
+        """To the device; FSDP2 (when fsdp and several processes) or DDP; torch.compile when on.
+        The same code runs on the CPU over gloo, which is how CI tests the CUDA path's logic."""
         model = model.to(self.device)
-        if self.world_size > 1:
-            model = nn.parallel.DistributedDataParallel(model)
+        if self.sharded:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype else None
+            kwargs = {"mp_policy": mp} if mp else {}
+            for block in _blocks(model):  # shard block by block so all-gathers overlap compute
+                fully_shard(block, **kwargs)
+            fully_shard(model, **kwargs)
+        if self.compile:
+            model = torch.compile(model)
+        if self.world_size > 1 and not self.sharded:
+            model = nn.parallel.DistributedDataParallel(model, **self.ddp_options())
         return model
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 is in use: asked for, and more than one process to shard over (on one process
+        there is nothing to shard, and the plain model is the same computation)."""
+        return self.fsdp and self.world_size > 1
+
+    def ddp_options(self) -> dict:
+        return {}
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -111,6 +146,9 @@ class Backend:
 
     def no_sync(self, model: nn.Module, last_micro: bool):
         """Gradient accumulation: reduce gradients across ranks only on the last micro-batch."""
+        if self.sharded:
+            self.unwrap(model).set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
         if last_micro or not hasattr(model, "no_sync"):
             return contextlib.nullcontext()
         return model.no_sync()
@@ -143,6 +181,7 @@ class Backend:
         caller counts skipped steps from it."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
+        norm = _full(norm)  # FSDP2: a replicated DTensor
         if self._finite(norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -153,20 +192,33 @@ class Backend:
 
     # -- checkpoints ---------------------------------------------------------------------
     def model_state_dict(self, model: nn.Module) -> dict:
-        """The full model state on the CPU (every rank calls it; rank 0 writes it)."""
+        """The full model state on the CPU (every rank calls it: under FSDP2 it is a gather;
+        rank 0 writes it)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
 
     def load_model_state(self, model: nn.Module, state: dict) -> None:
-        from model.io import load_state_dict_checked
+        from model.io import check_state_dict, load_state_dict_checked
 
+        if self.sharded:  # every rank holds the full state (common.pt); each keeps its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            state = check_state_dict(self.unwrap(model), state)
+            set_model_state_dict(self.unwrap(model), state, options=StateDictOptions(full_state_dict=True))
+            return
         load_state_dict_checked(self.unwrap(model), state)
 
     def optimizer_state_dict(self, model: nn.Module, optimizer) -> dict:
-        """This rank's optimizer state (saved per rank: distributed Muon keeps its own part)."""
-        return optimizer.state_dict()
+        """This rank's optimizer state (saved per rank: distributed Muon keeps its own part, and
+        under FSDP2 each rank its shards, saved as plain local tensors)."""
+        return _local_tensors(optimizer.state_dict())
 
     def load_optimizer_state(self, model: nn.Module, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
+        _restore_sharded_state(optimizer)
 
     def rng_state(self) -> dict:
         return {"cpu": torch.get_rng_state()}
@@ -224,13 +276,13 @@ class CUDABackend(Backend):
     name = "cuda"
     dist_backend = "nccl"
     fused_adamw = True
+    compile_default = True
+    flex_backward = True
     muon_dtype = torch.bfloat16
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
         self.dtype = None if self._option("precision", "auto") == "fp32" else torch.bfloat16
-        self.fsdp = bool(self._option("fsdp", False))
-        self.compile = self._option("compile", "auto") in ("auto", "true")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -241,50 +293,8 @@ class CUDABackend(Backend):
     def model_defaults(self) -> dict:
         return {"attn_impl": "flex"}
 
-    def prepare_model(self, model: nn.Module, cfg=None) -> nn.Module:
-        model = model.to(self.device)
-        if self.fsdp:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype else None
-            kwargs = {"mp_policy": mp} if mp else {}
-            for block in _blocks(model):  # shard block by block so all-gathers overlap compute
-                fully_shard(block, **kwargs)
-            fully_shard(model, **kwargs)
-        if self.compile:
-            model = torch.compile(model)
-        if self.world_size > 1 and not self.fsdp:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.local_rank], broadcast_buffers=False, gradient_as_bucket_view=True)
-        return model
-
-    def no_sync(self, model: nn.Module, last_micro: bool):
-        if self.fsdp:
-            self.unwrap(model).set_requires_gradient_sync(last_micro)
-            return contextlib.nullcontext()
-        return super().no_sync(model, last_micro)
-
-    def optimizer_step(self, model, optimizer, grad_clip):
-        norm = super().optimizer_step(model, optimizer, grad_clip)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-
-    def _finite(self, norm) -> bool:
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return bool(torch.isfinite(norm))
-
-    def model_state_dict(self, model):
-        if not self.fsdp:
-            return super().model_state_dict(model)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_model_state(self, model, state):
-        if not self.fsdp:
-            return super().load_model_state(model, state)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self.unwrap(model), state, options=StateDictOptions(full_state_dict=True))
+    def ddp_options(self) -> dict:
+        return {"device_ids": [self.local_rank], "broadcast_buffers": False, "gradient_as_bucket_view": True}
 
     def rng_state(self):
         return {**super().rng_state(), "cuda": torch.cuda.get_rng_state(self.device)}
@@ -315,6 +325,35 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks: the children of the model's largest ModuleList."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
+
+
+def _full(t):
+    """A DTensor (FSDP2) as the whole tensor on every rank; anything else unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local_tensors(state):
+    """A (nested) optimizer state dict with every DTensor replaced by this rank's shard, so the
+    per-rank checkpoint file holds plain tensors (loading it needs no device mesh)."""
+    if isinstance(state, DTensor):
+        return state.to_local()
+    if isinstance(state, dict):
+        return {k: _local_tensors(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_local_tensors(v) for v in state]
+    return state
+
+
+def _restore_sharded_state(optimizer) -> None:
+    """After load_state_dict under FSDP2: the shards loaded as plain tensors become DTensors
+    laid out like their parameters again (scalars such as Adam's step stay as they are)."""
+    for p, slots in optimizer.state.items():
+        if not isinstance(p, DTensor):
+            continue
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == p.to_local().shape and value.ndim:
+                slots[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
+                                                shape=p.shape, stride=p.stride())
 
 
 def _host(value):

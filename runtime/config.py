@@ -56,8 +56,8 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # auto | cuda | cpu | xla
     precision: str = "auto"  # auto (bf16 on cuda/xla, fp32 on cpu) | bf16 | fp32 | bf16_sr (XLA: bf16 weights)
-    compile: str = "auto"  # auto (on for cuda) | true | false
-    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, CUDA only
+    compile: str = "auto"  # auto (on for cuda) | true | false; true works on the CPU too
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP with several processes; not on xla
     seed: int = 0
     track: str = ""  # the leaderboard track this run claims (runtime/tracks.py), "" = none
     # outputs

@@ -89,6 +89,9 @@ class XLABackend(Backend):
     def __init__(self, cfg=None):
         super().__init__(cfg)
         precision = self._option("precision", "auto")
+        if self.fsdp:
+            raise ConfigError("fsdp is not supported on xla (FSDP2 shards over torch.distributed, not the XLA runtime); "
+                              "remove --fsdp, or train the large presets on CUDA.")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} is not supported on xla; use one of {', '.join(PRECISIONS)}.")
         self.precision = "bf16" if precision == "auto" else precision

@@ -1,6 +1,6 @@
 """Worker of test_train_distributed: a few train.py steps on fixed global batches.
 
-    torchrun --nproc_per_node=W tests/train_ddp_worker.py OUT GRAD_ACCUM OPTIMIZER
+    torchrun --nproc_per_node=W tests/train_ddp_worker.py OUT GRAD_ACCUM OPTIMIZER [fsdp]
 
 Every step has the same 8 global rows; rank r takes rows [r*8/W, (r+1)*8/W) and splits them
 into GRAD_ACCUM micro-batches, so any (W, GRAD_ACCUM) sees exactly the same data. Rows carry
@@ -10,6 +10,7 @@ very different numbers of targets, so a wrong loss normalisation shows.
 import faulthandler
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,17 +36,17 @@ def global_batch(step: int) -> dict:
     return {"input_ids": torch.where(chosen, torch.full_like(ids, 32), ids), "labels": labels, "doc_ids": doc_ids}
 
 
-def main(out: str, grad_accum: int, optimizer_name: str) -> None:
+def main(out: str, grad_accum: int, optimizer_name: str, fsdp: bool = False) -> None:
     faulthandler.dump_traceback_later(120, exit=True)  # a hung collective fails with a traceback
     torch.use_deterministic_algorithms(True)
-    backend = CPUBackend()
+    backend = CPUBackend(SimpleNamespace(fsdp=fsdp))  # fsdp: FSDP2 over gloo, the CUDA presets' path
     backend.init_distributed()
     torch.manual_seed(0)
     model = backend.prepare_model(build_model(get_config("sample", n_layers=2, d_model=64, n_heads=2, d_ff=128)))
     # eps 1e-8 (the ESM2 recipe): with the speedrun eps of 1e-10 Adam turns round-off-sized
     # gradients (~1e-12) into lr-sized updates, which no cross-process comparison survives.
     ocfg = OptimConfig(name=optimizer_name, warmup_steps=1, grad_clip=1.0, eps=1e-8)
-    opt = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1)
+    opt = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1, ns_dtype=backend.muon_dtype)
     per_rank = ROWS // backend.world_size
     rows = per_rank // grad_accum
     losses = []
@@ -55,10 +56,11 @@ def main(out: str, grad_accum: int, optimizer_name: str) -> None:
         apply_schedule(opt, step, ocfg, STEPS)
         loss_sum, count, _ = train_step(model, micro, opt, backend, ocfg.grad_clip)
         losses.append(float(backend.all_reduce_sum(loss_sum) / count))
+    weights = backend.model_state_dict(model)  # collective under FSDP2: every rank calls it
     if backend.is_main:
-        torch.save({"losses": losses, "weights": backend.model_state_dict(model)}, out)
+        torch.save({"losses": losses, "weights": weights}, out)
     backend.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["fsdp"])
