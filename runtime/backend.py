@@ -122,7 +122,10 @@ class Backend:
     def unwrap(model: nn.Module) -> nn.Module:
         """The plain model under DDP / torch.compile wrappers (for saving and evaluation)."""
         while True:
-            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            # `is None`, not `or`: a compiled module inside DDP has no truth value (its __len__ raises).
+            inner = getattr(model, "module", None)
+            if inner is None:
+                inner = getattr(model, "_orig_mod", None)
             if inner is None:
                 return model
             model = inner

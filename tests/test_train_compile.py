@@ -1,25 +1,42 @@
 """The CUDA backend's compiled paths, exercised on the CPU: torch.compile of the training step
 (inductor's C++ backend) and flex attention's block mask built inside a compiled graph."""
 
+import sys
+
 import pytest
 import torch
 from train_support import losses, run_train, write_tiny_shards
 
 from model import build_model, get_config
 
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
-def test_compiled_training_follows_eager(tmp_path):
-    data = write_tiny_shards(tmp_path / "data")
-    _, eager = run_train(tmp_path, data, "eager", "--num_steps", "6")
-    _, compiled = run_train(tmp_path, data, "compiled", "--num_steps", "6", "--compile", "true", timeout=600)
-    assert sorted(losses(compiled)) == list(range(1, 7))
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile")
+    data = write_tiny_shards(tmp / "data")
+    _, records = run_train(tmp, data, "eager", "--num_steps", "6", "--grad_accum", "2", launcher=TWO)
+    return tmp, data, losses(records)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_compiled_training_under_torchrun_follows_eager(eager, sharding):
+    """The CUDA launch's composition (2 processes, compiled model inside DDP or over FSDP2,
+    gradient accumulation, evaluation, checkpoint) on the CPU: the eager loss curve."""
+    tmp, data, expected = eager
+    name = f"compiled-{sharding}"
+    _, records = run_train(tmp, data, name, "--num_steps", "6", "--grad_accum", "2", "--compile", "true",
+                           "--fsdp", str(sharding == "fsdp").lower(), launcher=TWO, timeout=900)
+    assert sorted(losses(records)) == list(range(1, 7))
     # Inductor fuses and reorders float sums: equal up to round-off, not bitwise.
-    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
-    assert len(set(losses(eager).values())) == 6  # the model moved at every step
-    header = next(r for r in compiled if r["kind"] == "header")
+    assert losses(records) == pytest.approx(expected, rel=1e-4)
+    assert len(set(expected.values())) == 6  # the model moved at every step
+    header = next(r for r in records if r["kind"] == "header")
     assert header["config"]["compile"] == "true"
-    # The checkpoint names the plain model's parameters, not the compile wrapper's.
-    saved = [torch.load(tmp_path / "ckpt" / n / "step_000006" / "common.pt")["model"] for n in ("eager", "compiled")]
+    assert any(r["kind"] == "summary" for r in records)  # evaluated the compiled model too
+    # The checkpoint names the plain model's parameters, not the compile or DDP wrapper's.
+    saved = [torch.load(tmp / "ckpt" / n / "step_000006" / "common.pt")["model"] for n in ("eager", name)]
     assert saved[0].keys() == saved[1].keys()
 
 

@@ -89,3 +89,15 @@ def test_train_py_with_fsdp2_follows_ddp_and_resumes_identically(tmp_path):
     run_train(tmp_path, data, "paused", *args, "--fsdp", "true", "--steps_this_run", "4", launcher=two)
     _, resumed = run_train(tmp_path, data, "paused", *args, "--fsdp", "true", "--resume", "auto", launcher=two)
     assert losses(resumed) == losses(straight)  # exact float equality, every step
+
+
+def test_fsdp2_with_bf16_mixed_precision_stays_on_the_fp32_curve(tmp_path):
+    """The CUDA presets' combination, bf16 autocast plus FSDP2's bf16 parameter gathering with
+    fp32 gradient reduction, run on the CPU: close to the fp32 curve, not equal to it."""
+    data = write_tiny_shards(tmp_path / "data")
+    two = [*TORCHRUN, "--nproc_per_node=2"]
+    args = ("--num_steps", "6", "--fsdp", "true")
+    _, fp32 = run_train(tmp_path, data, "fp32", *args, launcher=two)
+    _, bf16 = run_train(tmp_path, data, "bf16", *args, "--precision", "bf16", launcher=two)
+    assert losses(bf16) == pytest.approx(losses(fp32), rel=2e-2)
+    assert losses(bf16) != losses(fp32)  # bf16 did take effect
