@@ -198,7 +198,10 @@ class Backend:
         """The full model state on the CPU (every rank calls it: under FSDP2 it is a gather;
         rank 0 writes it)."""
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
 
             return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
@@ -207,7 +210,10 @@ class Backend:
         from model.io import check_state_dict, load_state_dict_checked
 
         if self.sharded:  # every rank holds the full state (common.pt); each keeps its shards
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
 
             state = check_state_dict(self.unwrap(model), state)
             set_model_state_dict(self.unwrap(model), state, options=StateDictOptions(full_state_dict=True))

@@ -1,22 +1,18 @@
 """The CUDA backend's compiled paths, exercised on the CPU: torch.compile of the training step
 (inductor's C++ backend) and flex attention's block mask built inside a compiled graph."""
 
-import sys
-
 import pytest
 import torch
-from train_support import losses, run_train, write_tiny_shards
+from train_support import TWO_RANKS, losses, run_train, write_tiny_shards
 
 from model import build_model, get_config
-
-TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
 def eager(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     data = write_tiny_shards(tmp / "data")
-    _, records = run_train(tmp, data, "eager", "--num_steps", "6", "--grad_accum", "2", launcher=TWO)
+    _, records = run_train(tmp, data, "eager", "--num_steps", "6", "--grad_accum", "2", launcher=TWO_RANKS)
     return tmp, data, losses(records)
 
 
@@ -27,7 +23,7 @@ def test_compiled_training_under_torchrun_follows_eager(eager, sharding):
     tmp, data, expected = eager
     name = f"compiled-{sharding}"
     _, records = run_train(tmp, data, name, "--num_steps", "6", "--grad_accum", "2", "--compile", "true",
-                           "--fsdp", str(sharding == "fsdp").lower(), launcher=TWO, timeout=900)
+                           "--fsdp", str(sharding == "fsdp").lower(), launcher=TWO_RANKS, timeout=900)
     assert sorted(losses(records)) == list(range(1, 7))
     # Inductor fuses and reorders float sums: equal up to round-off, not bitwise.
     assert losses(records) == pytest.approx(expected, rel=1e-4)

@@ -2,14 +2,12 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_support import ROOT, losses, run_train, write_tiny_shards
+from train_support import ROOT, TORCHRUN, TWO_RANKS, losses, run_train, write_tiny_shards
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 WORKER = str(Path(__file__).with_name("train_ddp_worker.py"))
 
 
@@ -60,7 +58,7 @@ def test_fsdp2_matches_one_rank(tmp_path, optimizer):
 def test_train_py_under_torchrun_scores_every_sequence_once(tmp_path):
     data = write_tiny_shards(tmp_path / "data")
     _, single = run_train(tmp_path, data, "one", "--num_steps", "4")
-    _, double = run_train(tmp_path, data, "two", "--num_steps", "4", launcher=[*TORCHRUN, "--nproc_per_node=2"])
+    _, double = run_train(tmp_path, data, "two", "--num_steps", "4", launcher=TWO_RANKS)
     s1 = [r for r in single if r["kind"] == "summary"][0]
     s2 = [r for r in double if r["kind"] == "summary"][0]
     assert s2["val_tokens"] == s1["val_tokens"] and s2["test_tokens"] == s1["test_tokens"]
@@ -75,10 +73,9 @@ def test_train_py_with_fsdp2_follows_ddp_and_resumes_identically(tmp_path):
     weights, and pause + --resume auto continuing bit-identically (each rank's optimizer
     shards saved as plain tensors and laid out as DTensors again)."""
     data = write_tiny_shards(tmp_path / "data")
-    two = [*TORCHRUN, "--nproc_per_node=2"]
     args = ("--num_steps", "8", "--grad_accum", "2")
-    _, ddp = run_train(tmp_path, data, "ddp", *args, launcher=two)
-    _, straight = run_train(tmp_path, data, "fsdp", *args, "--fsdp", "true", launcher=two)
+    _, ddp = run_train(tmp_path, data, "ddp", *args, launcher=TWO_RANKS)
+    _, straight = run_train(tmp_path, data, "fsdp", *args, "--fsdp", "true", launcher=TWO_RANKS)
     assert losses(straight) == pytest.approx(losses(ddp), rel=1e-6)
     assert sorted(losses(straight)) == list(range(1, 9))
     weights = [torch.load(tmp_path / "ckpt" / name / "step_000008" / "common.pt")["model"] for name in ("ddp", "fsdp")]
@@ -86,8 +83,8 @@ def test_train_py_with_fsdp2_follows_ddp_and_resumes_identically(tmp_path):
     for k, w in weights[0].items():
         assert not hasattr(weights[1][k], "device_mesh"), k  # gathered: plain tensors
         torch.testing.assert_close(weights[1][k], w, rtol=0, atol=1e-3, msg=k)
-    run_train(tmp_path, data, "paused", *args, "--fsdp", "true", "--steps_this_run", "4", launcher=two)
-    _, resumed = run_train(tmp_path, data, "paused", *args, "--fsdp", "true", "--resume", "auto", launcher=two)
+    run_train(tmp_path, data, "paused", *args, "--fsdp", "true", "--steps_this_run", "4", launcher=TWO_RANKS)
+    _, resumed = run_train(tmp_path, data, "paused", *args, "--fsdp", "true", "--resume", "auto", launcher=TWO_RANKS)
     assert losses(resumed) == losses(straight)  # exact float equality, every step
 
 
@@ -95,9 +92,8 @@ def test_fsdp2_with_bf16_mixed_precision_stays_on_the_fp32_curve(tmp_path):
     """The CUDA presets' combination, bf16 autocast plus FSDP2's bf16 parameter gathering with
     fp32 gradient reduction, run on the CPU: close to the fp32 curve, not equal to it."""
     data = write_tiny_shards(tmp_path / "data")
-    two = [*TORCHRUN, "--nproc_per_node=2"]
     args = ("--num_steps", "6", "--fsdp", "true")
-    _, fp32 = run_train(tmp_path, data, "fp32", *args, launcher=two)
-    _, bf16 = run_train(tmp_path, data, "bf16", *args, "--precision", "bf16", launcher=two)
+    _, fp32 = run_train(tmp_path, data, "fp32", *args, launcher=TWO_RANKS)
+    _, bf16 = run_train(tmp_path, data, "bf16", *args, "--precision", "bf16", launcher=TWO_RANKS)
     assert losses(bf16) == pytest.approx(losses(fp32), rel=2e-2)
     assert losses(bf16) != losses(fp32)  # bf16 did take effect

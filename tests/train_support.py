@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+TWO_RANKS = [*TORCHRUN, "--nproc_per_node=2"]  # run_train(..., launcher=TWO_RANKS): 2 gloo processes
 # A 2-layer, 64-wide model on rows of 128 tokens: a step takes milliseconds.
 TINY = ["--config", "config/sample.yaml", "--device", "cpu", "--model_args.n_layers", "2",
         "--model_args.d_model", "64", "--model_args.n_heads", "2", "--model_args.d_ff", "128",
