@@ -4,6 +4,7 @@
 #   sample     setup, then train the sample model on the shipped sample (CPU, ~10 min)
 #   test       setup both environments and run the whole test suite (CPU lane + XLA lane)
 #   test-cpu   the CPU lane only;  test-xla  the XLA lane only (torch-xla, PJRT_DEVICE=CPU)
+#   test-cuda  the CUDA lane, on a GPU machine (skipped elsewhere)
 #   cpu        train.py on the CPU (default config: sample)
 #   cuda       train.py on every local GPU with torchrun (default config: speedrun)
 #   h100x8     the 8xH100 speedrun
@@ -64,6 +65,7 @@ case "$preset" in
   test) test_cpu "$@"; test_xla "$@" ;;
   test-cpu) test_cpu "$@" ;;
   test-xla) test_xla "$@" ;;
+  test-cuda) setup_cpu; .venv/bin/python -m pytest -m cuda "$@" ;;
   cpu) setup_cpu; exec .venv/bin/python train.py --config config/sample.yaml --device cpu "$@" ;;
   # Every local GPU (NPROC to choose); several nodes: NNODES, NODE_RANK, MASTER_ADDR on each node.
   cuda)
