@@ -32,6 +32,7 @@ def test_missing_data_directory(tmp_path):
     (["--num_steps", "3", "--optim.lr", "fast"], ["lr"]),
     (["--num_steps", "3", "--resume", "/no/such/dir"], ["/no/such/dir", "--resume"]),
     (["--num_steps", "3", "--model_args.attn_impl", "flex"], ["flex", "cpu", "sdpa"]),
+    (["--num_steps", "3", "--device", "xla", "--fsdp", "true"], ["fsdp", "xla"]),
 ])
 def test_bad_config(tmp_path, data, extra, words):
     proc, _ = run_train(tmp_path, data, "badcfg", *extra, rc=None)
