@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 # Quintic coefficients tuned to push every singular value into a band around 1 in few steps.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -60,8 +60,10 @@ class Muon(torch.optim.Optimizer):
     parameters; the updates (in ns_dtype) are all-gathered so every rank applies identical ones.
     Gradients must already be identical on all ranks (after DDP's reduction).
 
-    Sharded parameters (FSDP2 DTensors) keep their momentum sharded; every rank gathers each
-    gradient, orthogonalises it whole and applies its own shard of the update.
+    Row-sharded parameters (FSDP2 DTensors) keep their momentum sharded; each matrix is still
+    orthogonalised whole, once, by the rank that owns it, and two all-to-alls move the rows
+    (_step_row_sharded). Any other DTensor layout falls back to every rank gathering every
+    gradient and orthogonalising it.
     """
 
     def __init__(
@@ -109,30 +111,35 @@ class Muon(torch.optim.Optimizer):
             self._step_group(group, rank, world)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The orthogonalised update of one parameter, a flat ns_dtype vector (momentum already advanced).
-        A sharded parameter (FSDP2 DTensor) is orthogonalised whole: its gradient is gathered."""
-        g = p.grad
+    def _nesterov(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The gradient Muon orthogonalises (momentum already advanced); a DTensor if p is one."""
         buf = self.state[p]["momentum_buffer"]
-        if group["nesterov"]:
-            g = g.lerp(buf, group["momentum"])
-        else:
-            g = buf
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised update of one parameter, a flat ns_dtype vector. A sharded
+        parameter (DTensor) is orthogonalised whole: its gradient is gathered first."""
+        g = self._nesterov(p, group)
         if isinstance(g, DTensor):
             g = g.full_tensor()
         return zeropower_via_newtonschulz5(_as_matrix(g), steps=group["ns_steps"], dtype=self.ns_dtype).flatten()
 
     def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
-        rows, cols = _as_matrix(p).shape
-        scale = max(1.0, rows / cols) ** 0.5
-        update = update.view(p.shape).to(p.dtype)
-        if isinstance(p, DTensor):  # every rank has the whole update: keep this rank's shard
+        """Applies p's whole update; a sharded p keeps its own rows of it."""
+        if isinstance(p, DTensor):
             mesh = p.device_mesh
-            update = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False)
-            update = update.redistribute(mesh, p.placements)
+            update = DTensor.from_local(update.view(p.shape), mesh, [Replicate()] * mesh.ndim, run_check=False)
+            update = update.redistribute(mesh, p.placements).to_local()
+        self._apply_rows(p, update, group)
+
+    def _apply_rows(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+        """Applies `update`: this rank's part of p's update (all of it unless p is sharded)."""
+        rows, cols = _as_matrix(p).shape  # the whole matrix's shape sets the scale
+        scale = max(1.0, rows / cols) ** 0.5
+        target = p.to_local() if isinstance(p, DTensor) else p  # a view: updates p in place
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"] * scale)
+            target.mul_(1 - group["lr"] * group["weight_decay"])
+        target.add_(update.view_as(target).to(target.dtype), alpha=-group["lr"] * scale)
 
     def _step_group(self, group: dict, rank: int, world: int) -> None:
         # Under DDP every rank sees the same set of gradients, so this list agrees across ranks.
@@ -143,38 +150,87 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
 
-        # FSDP2 shards parameters: every rank gathers each gradient (a collective, in the same
-        # order on every rank) and orthogonalises all of them, rather than a share of them.
-        if world == 1 or any(isinstance(p, DTensor) for p in params):
-            for p in params:
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        if world > 1 and sharded and all(_row_sharded(p, world) for p in params):
+            for chunk in _chunks(params, world):
+                self._step_row_sharded(chunk, group, rank, world)
+            return
+        if world == 1 or sharded:  # one process, or a layout the exchange below does not handle:
+            for p in params:  # every rank orthogonalises every (gathered) matrix
                 self._apply(p, self._update(p, group), group)
             return
 
-        # Buckets of one matrix shape, so one all-gather carries one update per rank. Each
-        # bucket is padded to a multiple of the world size: rank r owns slots r, r + world, ...
-        # and a rank with an empty slot sends zeros, so any number of parameters works.
-        buckets: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            buckets.setdefault((tuple(_as_matrix(p).shape), p.device), []).append(p)
+        # Each chunk holds up to `world` matrices of one shape: rank r owns the r-th, a rank
+        # with no matrix sends zeros, and one all-gather carries one update per rank.
         pending = None
-        for bucket in buckets.values():
-            numel = bucket[0].numel()
-            for base in range(0, len(bucket), world):
-                mine = base + rank
-                if mine < len(bucket):
-                    local = self._update(bucket[mine], group)
-                else:
-                    local = torch.zeros(numel, dtype=self.ns_dtype, device=bucket[0].device)
-                gathered = torch.empty(world * numel, dtype=self.ns_dtype, device=local.device)
-                work = _all_gather_flat(gathered, local, async_op=True)
-                # Apply the previous chunk while this one is in flight.
-                if pending is not None:
-                    self._finish(*pending, group)
-                pending = (work, gathered, bucket[base : base + world])
+        for chunk in _chunks(params, world):
+            numel = chunk[0].numel()
+            if rank < len(chunk):
+                local = self._update(chunk[rank], group)
+            else:
+                local = torch.zeros(numel, dtype=self.ns_dtype, device=chunk[0].device)
+            gathered = torch.empty(world * numel, dtype=self.ns_dtype, device=local.device)
+            work = _all_gather_flat(gathered, local, async_op=True)
+            # Apply the previous chunk while this one is in flight.
+            if pending is not None:
+                self._finish(*pending, group)
+            pending = (work, gathered, chunk)
         if pending is not None:
             self._finish(*pending, group)
+
+    def _step_row_sharded(self, chunk: list[torch.Tensor], group: dict, rank: int, world: int) -> None:
+        """FSDP2 parameters (rows split over the ranks, torch.chunk's layout): rank j owns the
+        j-th matrix of the chunk. One all-to-all brings each owner every rank's rows of its
+        gradient; the owner orthogonalises the whole matrix; a second all-to-all hands every
+        rank its rows of each update. Each matrix is orthogonalised once, and each rank sends
+        and receives about one matrix per chunk (gathering every gradient would be `world`)."""
+        n, width = chunk[0].shape[0], chunk[0].numel() // chunk[0].shape[0]
+        rows = _row_counts(n, world)
+        for p in chunk:
+            if p.to_local().shape[0] != rows[rank]:
+                raise RuntimeError(f"Muon: a sharded parameter of shape {tuple(p.shape)} holds "
+                                   f"{p.to_local().shape[0]} rows on rank {rank}, not torch.chunk's {rows[rank]}")
+        owner = rank < len(chunk)
+        device = chunk[0].to_local().device
+        mine = [rows[rank] * width if j < len(chunk) else 0 for j in range(world)]  # my rows of each matrix
+        theirs = [rows[k] * width if owner else 0 for k in range(world)]  # every rank's rows of mine
+        # ns_dtype on the wire: Newton-Schulz casts to it first, so the result is the same.
+        send = torch.cat([self._nesterov(p, group).to_local().reshape(-1).to(self.ns_dtype) for p in chunk])
+        whole = torch.empty(sum(theirs), dtype=self.ns_dtype, device=device)
+        dist.all_to_all_single(whole, send, output_split_sizes=theirs, input_split_sizes=mine)
+        if owner:
+            update = zeropower_via_newtonschulz5(whole.view(n, width), steps=group["ns_steps"], dtype=self.ns_dtype)
+            send = update.reshape(-1)
+        else:
+            send = torch.empty(0, dtype=self.ns_dtype, device=device)
+        back = torch.empty(sum(mine), dtype=self.ns_dtype, device=device)
+        dist.all_to_all_single(back, send, output_split_sizes=mine, input_split_sizes=theirs)
+        for piece, p in zip(back.view(len(chunk), -1) if back.numel() else [back] * len(chunk), chunk):
+            self._apply_rows(p, piece, group)
 
     def _finish(self, work, gathered: torch.Tensor, chunk: list[torch.Tensor], group: dict) -> None:
         work.wait()
         for update, p in zip(gathered.view(-1, chunk[0].numel()), chunk):
             self._apply(p, update, group)
+
+
+def _chunks(params: list[torch.Tensor], world: int) -> list[list[torch.Tensor]]:
+    """Same-shape matrices in chunks of up to `world`, in an order every rank agrees on."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        buckets.setdefault((tuple(_as_matrix(p).shape), p.device), []).append(p)
+    return [bucket[i : i + world] for bucket in buckets.values() for i in range(0, len(bucket), world)]
+
+
+def _row_counts(n: int, world: int) -> list[int]:
+    """Rows of each rank when n rows are split as torch.chunk does (FSDP2's Shard(0) layout)."""
+    size = -(-n // world)
+    return [max(0, min(size, n - k * size)) for k in range(world)]
+
+
+def _row_sharded(p: torch.Tensor, world: int) -> bool:
+    """p is a DTensor whose rows are split over all `world` ranks (Shard(0): torch.chunk's
+    layout). Decided from metadata that every rank shares, so every rank decides alike."""
+    mesh = getattr(p, "device_mesh", None)
+    return (isinstance(p, DTensor) and mesh.ndim == 1 and mesh.size() == world
+            and tuple(p.placements) == (Shard(0),))
