@@ -41,6 +41,15 @@ def main(out: str, grad_accum: int, optimizer_name: str, fsdp: bool = False) -> 
     torch.use_deterministic_algorithms(True)
     backend = CPUBackend(SimpleNamespace(fsdp=fsdp))  # fsdp: FSDP2 over gloo, the CUDA presets' path
     backend.init_distributed()
+    try:
+        train(backend, out, grad_accum, optimizer_name)
+    finally:
+        # As train.py does: the group goes only after the model (and DDP's reducer) is freed.
+        # Freeing them after destroy_process_group once hung a rank at exit in CI.
+        backend.shutdown()
+
+
+def train(backend, out: str, grad_accum: int, optimizer_name: str) -> None:
     torch.manual_seed(0)
     model = backend.prepare_model(build_model(get_config("sample", n_layers=2, d_model=64, n_heads=2, d_ff=128)))
     # eps 1e-8 (the ESM2 recipe): with the speedrun eps of 1e-10 Adam turns round-off-sized
@@ -59,7 +68,6 @@ def main(out: str, grad_accum: int, optimizer_name: str, fsdp: bool = False) -> 
     weights = backend.model_state_dict(model)  # collective under FSDP2: every rank calls it
     if backend.is_main:
         torch.save({"losses": losses, "weights": weights}, out)
-    backend.shutdown()
 
 
 if __name__ == "__main__":
