@@ -205,7 +205,7 @@ class Muon(torch.optim.Optimizer):
             send = torch.empty(0, dtype=self.ns_dtype, device=device)
         back = torch.empty(sum(mine), dtype=self.ns_dtype, device=device)
         dist.all_to_all_single(back, send, output_split_sizes=mine, input_split_sizes=theirs)
-        for piece, p in zip(back.view(len(chunk), -1) if back.numel() else [back] * len(chunk), chunk):
+        for piece, p in zip(back.view(len(chunk), rows[rank] * width), chunk):  # 0 rows: empty pieces
             self._apply_rows(p, piece, group)
 
     def _finish(self, work, gathered: torch.Tensor, chunk: list[torch.Tensor], group: dict) -> None:

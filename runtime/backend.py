@@ -34,8 +34,8 @@ class Backend:
     # Muon's Newton-Schulz dtype: fp32 on the CPU, where bf16 matmuls (no bf16 units on most
     # CPUs) measured 18-22x slower (python -m optim.bench); accelerators override with bf16.
     muon_dtype = torch.float32
-
     compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
+    flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -82,8 +82,6 @@ class Backend:
     def model_defaults(self) -> dict:
         """ModelConfig fields this device prefers (the user's model_args still win)."""
         return {}
-
-    flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
 
     def check_trainable(self, mcfg) -> None:
         """Refuses, in one sentence, a model configuration this device cannot train."""
