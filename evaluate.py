@@ -5,7 +5,7 @@
     python evaluate.py --unigram --data sample       # the residue-frequency baseline
 
 --checkpoint takes a training checkpoint (a step directory, or a run directory: its newest
-step) or a weights file (model.io / `python -m model.hf import`). --hf takes a Hugging Face
+step) or a weights file (model.io / `python -m hub import`). --hf takes a Hugging Face
 EsmForMaskedLM directory or Hub id, run as Hugging Face runs it (one padded sequence per row).
 --protocol splm is the published SpeedrunningPLMs evaluation (reference table, §8.1).
 Runs under torchrun too: sequences are dealt to ranks and the sums reduced.
@@ -22,10 +22,12 @@ from torch import nn
 
 from data.shards import ShardError
 from data.tokenizer import PAD, VOCAB_SIZE
-from runtime.backend import get_backend
-from runtime.config import ConfigError
-from runtime.evaluation import BENCH_LENGTH, Unigram, evaluate, evaluate_splm
-from runtime.runlog import format_line
+from evaluation.benchmark import BENCH_LENGTH, evaluate
+from evaluation.splm import evaluate_splm
+from evaluation.unigram import Unigram
+from runtime.devices import get_backend
+from runtime.errors import ConfigError
+from training.runlog import format_line
 
 
 class HFMaskedLM(nn.Module):
@@ -70,7 +72,7 @@ class HFMaskedLM(nn.Module):
 def load_checkpoint_model(path: str) -> nn.Module:
     from model import build_model
     from model.io import load_state_dict_checked, load_weights
-    from runtime.checkpoint import list_checkpoints
+    from training.checkpoint import list_checkpoints
 
     p = Path(path)
     if p.is_dir():

@@ -8,7 +8,7 @@
 #   cpu        train.py on the CPU (default config: sample)
 #   cuda       train.py on every local GPU with torchrun (default config: speedrun)
 #   h100x8     the 8xH100 speedrun
-#   trn1 | trn1-32 | trn1-compile   Trainium presets (see README, "Trainium")
+#   trn1 | trn1-32 | trn1-compile   Trainium presets (see docs/trainium.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-}"; shift || true
@@ -25,7 +25,7 @@ setup_xla() {
 test_cpu() { setup_cpu; .venv/bin/python -m pytest -m "not xla" "$@"; }
 test_xla() { setup_xla; PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla "$@"; }
 
-# Trainium (README, "Trainium"): run inside the Neuron venv (requirements-neuron.txt) or
+# Trainium (docs/trainium.md): run inside the Neuron venv (requirements-neuron.txt) or
 # the Dockerfile.neuron image. Env: PRECISION=bf16 (autocast, default) | bf16_sr | fp32;
 # NEURON_CACHE (compile cache); for several trn1.32xlarge nodes NNODES, NODE_RANK, MASTER_ADDR.
 trn1_env() {

@@ -23,15 +23,15 @@ from data.benchmark import EvalLoader
 from data.loader import TrainLoader
 from data.masking import MaskingConfig
 from data.shards import ShardError
+from evaluation.benchmark import BENCH_LENGTH, evaluate
 from model import build_model, flops_per_token, param_counts, t_eff
 from optim import apply_schedule, build_optimizer
-from runtime import checkpoint
-from runtime.backend import get_backend
-from runtime.config import ConfigError, load_config, model_config, optim_config
-from runtime.data_setup import resolve_data, split_digest
-from runtime.evaluation import BENCH_LENGTH, evaluate
-from runtime.runlog import RunLog, environment
-from runtime.sinks import make_sink
+from runtime.devices import get_backend
+from training import checkpoint
+from training.config import ConfigError, load_config, model_config, optim_config
+from training.data_setup import resolve_data, split_digest
+from training.runlog import RunLog, environment
+from training.sinks import make_sink
 
 
 def train_step(model, batches, optimizer, backend, grad_clip):
@@ -125,6 +125,8 @@ def _run(cfg, backend) -> int:
              **({"valid_sha256": split_digest(files.valid), "test_sha256": split_digest(files.test)}
                 if backend.is_main else {})}
     log.header(config_dict, environment(backend), extra_sources=[cfg.config_file], notes=notes)
+    for note in cfg.notes:
+        log.message(note)
     sink = make_sink(cfg, config_dict, backend.is_main)
 
     def save():

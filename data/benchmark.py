@@ -3,7 +3,7 @@
 Every sequence of the split once across ranks, cut to the benchmark length, 15% of its
 residues replaced by <mask> at positions drawn from a seed mixed with the sequence's global
 index, so the masks are the same in every run, on any world size and batch size. This file,
-data/packing.py, data/shards.py, data/tokenizer.py and runtime/evaluation.py are the official
+data/packing.py, data/shards.py, data/tokenizer.py and evaluation/benchmark.py are the official
 benchmark code that leaderboard.py checks in every submitted log.
 """
 

@@ -26,7 +26,7 @@ from data.packing import MIN_DOC, WINDOW, empty_rows, open_shard, shard_tokens, 
 
 # Masking runs on chunks of rows below torch's parallel grain (32,768 elements), so the
 # background thread never opens an OpenMP region: on cores busy with the training step such
-# regions were measured 10-40x slower than the same work done inline (data/bench.py).
+# regions were measured 10-40x slower than the same work done inline (speed/loader.py).
 MASK_CHUNK_ELEMENTS = 16384
 STATE_VERSION = 1
 

@@ -40,7 +40,7 @@ def load_weights(path) -> tuple[ModelConfig, dict]:
     if not isinstance(blob, dict) or "model_config" not in blob or "model" not in blob:
         raise ValueError(
             f"{path}: not an esm-speedrun weights file or checkpoint (no 'model_config' and "
-            "'model' entries); for Hugging Face weights use `python -m model.hf import`."
+            "'model' entries); for Hugging Face weights use `python -m hub import`."
         )
     return ModelConfig.from_dict(dict(blob["model_config"])), _unwrapped_state_dict(blob["model"])
 

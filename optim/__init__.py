@@ -1,4 +1,4 @@
-"""Optimizers and schedules: Muon, parameter grouping, LR schedules (README, "Optimizers")."""
+"""Optimizers and schedules: Muon, parameter grouping, LR schedules (docs/models.md, "Optimizers")."""
 
 from .build import CombinedOptimizer, build_optimizer
 from .config import OptimConfig, default_optim_config

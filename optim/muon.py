@@ -22,7 +22,7 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for G = U S V^T (G is (..., rows, cols)), computed in `dtype`:
     bf16 on GPUs and Trainium; fp32 where bf16 matmuls are slow (CPUs without bf16 units,
-    where bf16 measured 18-22x slower than fp32 for the sample model's matrices: optim/bench.py).
+    where bf16 measured 18-22x slower than fp32 for the sample model's matrices: speed/newton_schulz.py).
 
     The result's singular values are not exactly 1 but lie in a band around it, which is
     what Muon needs and costs far fewer iterations than converging.

@@ -64,11 +64,23 @@ def lr_factor(step: int, num_steps: int, cfg: OptimConfig, *, warmup: bool = Tru
     return SCHEDULE_FUNCTIONS[cfg.schedule](step, num_steps, cfg, warmup_steps)
 
 
+def _warmup_limit(num_steps: int, cfg: OptimConfig) -> int:
+    """The step the warm-up must end before: where the decay ends (esm2) or the run ends."""
+    return round(ESM2_DECAY_END_FRAC * num_steps) if cfg.schedule == "esm2" else num_steps
+
+
+def fitted_warmup(num_steps: int, cfg: OptimConfig) -> int:
+    """cfg.warmup_steps when it fits the run; else a tenth of what the warm-up must end before
+    (the usual share of a warm-up), so that a shortened run keeps the schedule's shape."""
+    limit = _warmup_limit(num_steps, cfg)
+    return cfg.warmup_steps if cfg.warmup_steps < limit else limit // 10
+
+
 def check_schedule_fits(num_steps: int, cfg: OptimConfig) -> None:
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps={num_steps!r} must be a whole number >= 1")
     # The decay phase must start after the warm-up, or the schedule silently loses its shape.
-    end = round(ESM2_DECAY_END_FRAC * num_steps) if cfg.schedule == "esm2" else num_steps
+    end = _warmup_limit(num_steps, cfg)
     if cfg.warmup_steps >= end:
         where = "90% of num_steps" if cfg.schedule == "esm2" else "num_steps"
         raise ValueError(

@@ -2,7 +2,8 @@
 
 The training loop talks to one small interface (docs/INTERFACES.md, runtime/): process group,
 device placement and wrapping, autocast, gradient accumulation, the optimizer step, host reads
-and timing syncs. CPUBackend and CUDABackend live here; XLABackend in runtime/xla.py.
+and timing syncs. The base class and CPUBackend live here; CUDABackend in runtime/cuda.py,
+XLABackend in runtime/xla.py, and runtime/devices.py picks one by name.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from runtime import hardware
-from runtime.config import ConfigError
+from runtime.errors import ConfigError
 
 
 class Backend:
@@ -32,7 +32,7 @@ class Backend:
     fused_adamw = False  # AdamW(fused=True) where the device has the kernel
     static_shapes = False  # True where every new input shape compiles a new graph (XLA)
     # Muon's Newton-Schulz dtype: fp32 on the CPU, where bf16 matmuls (no bf16 units on most
-    # CPUs) measured 18-22x slower (python -m optim.bench); accelerators override with bf16.
+    # CPUs) measured 18-22x slower (python -m speed.newton_schulz); accelerators override with bf16.
     muon_dtype = torch.float32
     compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
     flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
@@ -277,57 +277,6 @@ class CPUBackend(Backend):
         self.dtype = torch.bfloat16 if self._option("precision", "auto") == "bf16" else None
 
 
-class CUDABackend(Backend):
-    """NCCL DDP or FSDP2, bf16 autocast, torch.compile, flex attention, TF32."""
-
-    name = "cuda"
-    dist_backend = "nccl"
-    fused_adamw = True
-    compile_default = True
-    flex_backward = True
-    muon_dtype = torch.bfloat16
-
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
-        self.dtype = None if self._option("precision", "auto") == "fp32" else torch.bfloat16
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    def _set_device(self) -> None:
-        self.device = torch.device("cuda", self.local_rank)
-        torch.cuda.set_device(self.device)
-
-    def model_defaults(self) -> dict:
-        return {"attn_impl": "flex"}
-
-    def ddp_options(self) -> dict:
-        return {"device_ids": [self.local_rank], "broadcast_buffers": False, "gradient_as_bucket_view": True}
-
-    def rng_state(self):
-        return {**super().rng_state(), "cuda": torch.cuda.get_rng_state(self.device)}
-
-    def set_rng_state(self, state):
-        super().set_rng_state(state)
-        torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    def sync(self):
-        torch.cuda.synchronize(self.device)
-
-    def memory_stats(self):
-        return {"mem": torch.cuda.max_memory_allocated(self.device) / 2**30,
-                "mem_reserved": torch.cuda.max_memory_reserved(self.device) / 2**30}
-
-    def reset_peak_memory(self):
-        torch.cuda.empty_cache()  # blocks cached by a previous configuration are not its peak
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_flops(self):
-        return hardware.peak_flops(torch.cuda.get_device_name(self.device))
-
-    def describe(self):
-        return f"cuda x{self.world_size} ({torch.cuda.get_device_name(self.device)})"
-
-
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks: the children of the model's largest ModuleList."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
@@ -368,22 +317,3 @@ def _host(value):
         value = value.detach().cpu()
         return value.item() if value.numel() == 1 else value
     return value
-
-
-def get_backend(name: str = "auto", cfg=None) -> Backend:
-    """auto = cuda when a GPU is visible, else cpu; xla only when asked (runtime/xla.py)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return CPUBackend(cfg)
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked but no CUDA GPU is visible; use --device cpu or auto.")
-        return CUDABackend(cfg)
-    if name == "xla":
-        try:
-            from runtime.xla import XLABackend
-        except ImportError as e:
-            raise ConfigError(f"--device xla needs torch_xla ({e}); install requirements-xla.txt (the .venv-xla environment of ./run.sh test-xla) or pick another --device.") from None
-        return XLABackend(cfg)
-    raise ConfigError(f"device {name!r} is unknown; use auto, cuda, cpu or xla.")

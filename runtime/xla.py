@@ -28,7 +28,7 @@ train.py never asks which device it runs on:
                  numerics of the CUDA path, so loss curves compare across devices;
     bf16_sr      bf16 weights, gradients and optimizer state with hardware stochastic
                  rounding (NEURON_RT_STOCHASTIC_ROUNDING_EN=1): the Neuron BERT recipe, less
-                 memory and faster, numerics differ from CUDA. Needs the runtime/config.py
+                 memory and faster, numerics differ from CUDA. Needs the training/config.py
                  choice "bf16_sr".
 """
 
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from runtime.backend import Backend, _host
-from runtime.config import ConfigError
+from runtime.errors import ConfigError
 
 # "bf16" is what the shared config calls bf16_autocast; "bf16_sr" is XLA-only.
 PRECISIONS = ("auto", "fp32", "bf16", "bf16_sr")

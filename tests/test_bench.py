@@ -1,4 +1,4 @@
-"""bench.py and bench_report.py: what the rows say (columns, same residues for both models, OOM rows, costs) and
+"""bench.py and speed/report.py: what the rows say (columns, same residues for both models, OOM rows, costs) and
 what `report` writes. Tiny models at tiny shapes; timings are never asserted."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import bench
-import bench_report
 from runtime import hardware
+from speed import models, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model_args", "n_layers=1", "d_model=32", "n_heads=2", "d_ff=64", "--threads", "1",
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory):
 def test_a_run_writes_every_column_and_sane_numbers(tiny_run):
     out, rows = tiny_run
     with open(out / "run-cpu.csv", newline="") as f:
-        assert next(csv.reader(f)) == list(bench.COLUMNS)
+        assert next(csv.reader(f)) == list(models.COLUMNS)
     assert {(r["impl"], r["mode"], r["batch"]) for r in rows} == {
         (impl, mode, b) for impl in ("ours", "hf")
         for mode, b in (("train", "1"), ("train", "2"), ("infer", "1"), ("infer", "2"), ("realtime", "1"))}
@@ -65,9 +65,9 @@ def test_a_run_writes_every_column_and_sane_numbers(tiny_run):
 
 def test_hf_gets_the_same_residues_and_masks_as_ours():
     for static in (False, True):
-        ours = bench.Ours.steps(bench.Workload(1024, seed=3), 4, static)
-        hf = bench.HF.steps(bench.Workload(1024, seed=3), 4, static)
-        totals = [bench._sum_counts(s) for s in (ours, hf)]
+        ours = models.Ours.steps(models.Workload(1024, seed=3), 4, static)
+        hf = models.HF.steps(models.Workload(1024, seed=3), 4, static)
+        totals = [models._sum_counts(s) for s in (ours, hf)]
         assert totals[0]["residues"] == totals[1]["residues"] > 0
         assert totals[0]["seqs"] == totals[1]["seqs"] > 4  # several sequences per packed row
         assert ours.t_eff == hf.t_eff
@@ -85,7 +85,7 @@ def test_hf_gets_the_same_residues_and_masks_as_ours():
 
 
 def test_an_oom_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
-    real = bench.train_step
+    real = models.train_step
 
     def flaky(backend, impl, model, optimizer, step):
         rows = step.calls[0]["input_ids"].shape[0]
@@ -97,12 +97,12 @@ def test_an_oom_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
             raise ValueError("something else\nsecond line")
         return real(backend, impl, model, optimizer, step)
 
-    monkeypatch.setattr(bench, "train_step", flaky)
+    monkeypatch.setattr(models, "train_step", flaky)
     rows = run_bench(tmp_path, "--presets", "esm2_8m", "--batches", "1,2,3,4,5", "--lengths", "32",
                      "--modes", "train", "--reps", "1", "--no-hf")
     assert [r["status"] for r in rows] == ["ok", "oom", "oom", "error: ValueError: something else", "ok"]
     assert rows[1]["residues_per_s"] == "" and rows[1]["usd_per_1m_tokens"] == ""
-    md = bench.markdown(rows)
+    md = models.markdown(rows)
     assert "| 2 x 32 | OOM |" in md
 
 
@@ -118,10 +118,10 @@ def test_costs_follow_the_price(tiny_run, tmp_path):
                      "--modes", "train,realtime", "--reps", "1", "--realtime_calls", "1")
     assert [(r["usd_per_1m_tokens"], r["usd_per_1m_inferences"]) for r in rows] == [("n/a", ""), ("", "n/a")]
     args = bench.parse_args(["--instance", "trn1.2xlarge"])
-    pr = bench.price(None, args)
+    pr = models.price(None, args)
     assert pr["usd_per_hour"] == pytest.approx(1.34375 / 2) and pr["price_date"] == "2026-05-20"
     with pytest.raises(SystemExit, match="not in the price table"):
-        bench.price(None, bench.parse_args(["--instance", "p9.huge"]))
+        models.price(None, bench.parse_args(["--instance", "p9.huge"]))
 
 
 def _row(**kw) -> dict:
@@ -132,7 +132,7 @@ def _row(**kw) -> dict:
                 seqs_per_call=3.0, mfu="n/a", mem_gib=0.5, ms_p50=10.0, ms_p99=12.0, compiles=None,
                 instance="", usd_per_hour=None, price_date="", usd_per_1m_tokens="n/a",
                 usd_per_1m_inferences="n/a", load_avg=2.0)
-    return bench.csv_row({**base, **kw})
+    return models.csv_row({**base, **kw})
 
 
 def test_report_writes_tables_plots_and_only_the_marked_section(tmp_path):
@@ -147,12 +147,12 @@ def test_report_writes_tables_plots_and_only_the_marked_section(tmp_path):
                         cells.update(status="oom", residues_per_s=None)
                     rows.append(_row(**cells))
         rows.append(_row(impl=impl, mode="realtime", batch=1, seq_len=128, ms_p50=5 / speed))
-    bench.write_csv(tmp_path / "sweep-cpu.csv", rows[:10], append=True)
-    bench.write_csv(tmp_path / "sweep-cpu.csv", rows[10:], append=True)  # appended: one header
+    models.write_csv(tmp_path / "sweep-cpu.csv", rows[:10], append=True)
+    models.write_csv(tmp_path / "sweep-cpu.csv", rows[10:], append=True)  # appended: one header
     assert sum(1 for line in open(tmp_path / "sweep-cpu.csv") if line.startswith("date,")) == 1
     md = tmp_path / "BENCHMARKS.md"
     before, after = "# Benchmarks\n\nhand-written text\n\n", "\n\n## Later section\nkept\n"
-    md.write_text(f"{before}{bench_report.MARK_START}\nold generated text\n{bench_report.MARK_END}{after}")
+    md.write_text(f"{before}{report.MARK_START}\nold generated text\n{report.MARK_END}{after}")
     argv = ["report", "--inputs", str(tmp_path / "sweep-cpu.csv"), "--plots", str(tmp_path / "plots"),
             "--benchmarks", str(md)]
     text = bench.main(argv)
@@ -164,14 +164,14 @@ def test_report_writes_tables_plots_and_only_the_marked_section(tmp_path):
     assert "| esm2_8m | hf | 7.5M | 4 x 128 | OOM |" in text
     assert "2.00x (1.00x CPU)" in text  # ours / HF in one row
     new = md.read_text()
-    assert new.startswith(before + bench_report.MARK_START) and new.endswith(bench_report.MARK_END + after)
+    assert new.startswith(before + report.MARK_START) and new.endswith(report.MARK_END + after)
     assert "old generated text" not in new and "(plots/train_vs_batch.png)" in new
     bench.main(argv)
     assert md.read_text() == new  # rewriting is idempotent
     plain = tmp_path / "plain.md"
     plain.write_text("# Mine\n")
     bench.main(argv[:3] + ["--plots", "", "--benchmarks", str(plain)])
-    assert plain.read_text().startswith("# Mine\n\n" + bench_report.MARK_START)
+    assert plain.read_text().startswith("# Mine\n\n" + report.MARK_START)
 
 
 def test_report_without_csv_says_what_to_run(tmp_path):

@@ -1,11 +1,11 @@
-"""runtime/checkpoint.py: atomic step directories, the last K kept, resolution and refusals."""
+"""training/checkpoint.py: atomic step directories, the last K kept, resolution and refusals."""
 
 import pytest
 import torch
 
-from runtime import checkpoint
 from runtime.backend import CPUBackend
-from runtime.checkpoint import CheckpointError
+from training import checkpoint
+from training.checkpoint import CheckpointError
 
 
 def save(run_dir, step, keep=2):

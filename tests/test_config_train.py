@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, TrainConfig, load_config, model_config, optim_config
+from training.config import ConfigError, TrainConfig, load_config, model_config, optim_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +73,25 @@ def test_batch_must_divide_into_rows():
         cfg.micro_batch_rows(2)
 
 
-def test_warmup_longer_than_the_run_is_refused():
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        optim_config(load_config(["--config", str(ROOT / "config/sample.yaml"), "--num_steps", "10"]))
+def test_warmup_set_on_the_command_line_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match="warmup_steps=30 does not fit"):
+        optim_config(load_config(["--config", str(ROOT / "config/sample.yaml"), "--num_steps", "10",
+                                  "--optim.warmup_steps", "30"]))
+
+
+@pytest.mark.parametrize("config,steps,fitted", [
+    ("config/sample.yaml", 20, 2),      # the YAML's warmup_steps: 20 -> a tenth of the run
+    ("config/sample.yaml", 1, 0),
+    ("config/esm2_8m.yaml", 100, 9),   # the preset's 2000 -> a tenth of esm2's 90% decay end
+])
+def test_a_warmup_from_a_config_or_preset_shrinks_to_fit_a_short_run(config, steps, fitted):
+    cfg = load_config(["--config", str(ROOT / config), "--num_steps", str(steps)])
+    assert optim_config(cfg).warmup_steps == fitted
+    assert cfg.optim["warmup_steps"] == fitted and "warmup_steps" in cfg.to_dict()["optim"]
+    assert len(cfg.notes) == 1 and f"using warmup_steps={fitted}" in cfg.notes[0]
+    assert "notes" not in cfg.to_dict()
+
+
+def test_a_warmup_that_fits_is_left_alone():
+    cfg = load_config(["--config", str(ROOT / "config/sample.yaml"), "--num_steps", "21"])
+    assert optim_config(cfg).warmup_steps == 20 and cfg.notes == () and "warmup_steps" in cfg.optim

@@ -11,8 +11,10 @@ from train_support import write_tiny_shards
 
 import evaluate as evaluate_py
 from data.benchmark import EvalLoader
+from evaluation.benchmark import evaluate, metrics
+from evaluation.splm import splm_batches
+from evaluation.unigram import Unigram
 from runtime.backend import CPUBackend
-from runtime.evaluation import Unigram, evaluate, metrics, splm_batches
 
 V = 33
 
@@ -121,7 +123,7 @@ def printed(out: str) -> dict:
 @pytest.mark.parametrize("protocol", ["benchmark", "splm"])
 def test_hf_model_and_its_imported_checkpoint_score_the_same(tmp_path, data, capsys, protocol):
     transformers = pytest.importorskip("transformers")
-    from model.hf import main as hf_main
+    from hub.cli import main as hf_main
 
     cfg = transformers.EsmConfig(
         vocab_size=33, mask_token_id=32, pad_token_id=1, hidden_size=64, num_hidden_layers=2,

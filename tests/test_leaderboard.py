@@ -14,9 +14,10 @@ import pytest
 from train_support import ROOT, run_train, write_tiny_shards
 
 import leaderboard
-from runtime.logcheck import Rejected, verify
-from runtime.logparse import BAR, parse_text
-from runtime.tracks import TRACKS, Track
+from submissions import board
+from submissions.logcheck import Rejected, verify
+from submissions.logparse import BAR, parse_text
+from submissions.tracks import TRACKS, Track
 
 RUN = ("--num_steps", "12", "--eval_every", "6", "--log_every", "3")  # batch_size 512 (TINY)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -171,7 +172,7 @@ def test_replaced_benchmark_code_hashes_right_but_is_not_official(runs, tmp_path
 def test_an_earlier_benchmark_version_listed_as_accepted_passes(runs, tmp_path):
     log = copy(runs, tmp_path, edit=rewrite_benchmark)
     sha = re.search(r"source: data/benchmark\.py sha256:(\w+)", read(log))[1]
-    from runtime.logcheck import accepted_versions
+    from submissions.logcheck import accepted_versions
 
     listed = tmp_path / "benchmark_code.sha256"
     listed.write_text(f"# reviewed\n{sha}  data/benchmark.py\n")
@@ -270,9 +271,9 @@ def test_three_seeds_of_one_submission_make_a_record(runs, tmp_path, monkeypatch
         copy(runs, tmp_path, edit=lambda t, s=seed: claim_tiny(t).replace("\nseed: 0\n", f"\nseed: {s}\n"),
              as_name=f"seed{seed}")
     verdicts = [verify(tmp_path / f"seed{s}.txt") for s in range(3)]
-    status, records = leaderboard.statuses(verdicts[:2])
+    status, records = board.statuses(verdicts[:2])
     assert not records and status[id(verdicts[0])] == "unconfirmed: 2 of 3 seeds"
-    status, records = leaderboard.statuses(verdicts)
+    status, records = board.statuses(verdicts)
     assert status[id(verdicts[0])].startswith("confirmed: mean")
     assert len(records) == 1 and records[0].startswith("Record on 1x CPU:") and "seed2" in records[0]
 
@@ -291,13 +292,13 @@ def test_a_source_only_one_run_embeds_does_not_split_a_submission(runs, tmp_path
     # e.g. data/prepare.py is imported only by the run that prepared the sample first
     two = verify(copy(runs, tmp_path, edit=lambda t: without_source(claim_tiny(t), "optim/schedules.py"),
                       as_name="two"))
-    assert leaderboard.same_submission(one, two)
+    assert board.same_submission(one, two)
     def other_rate(text):  # in the config block, the last mask_rate line (not the embedded yaml)
         i = text.rindex("\nmask_rate: 0.2\n")
         return claim_tiny(text[:i] + "\nmask_rate: 0.3\n" + text[i + len("\nmask_rate: 0.2\n"):])
 
     other_recipe = verify(copy(runs, tmp_path, edit=other_rate, as_name="three"))
-    assert not leaderboard.same_submission(one, other_recipe)
+    assert not board.same_submission(one, other_recipe)
 
 
 def test_plot_draws_any_runs(runs, tmp_path):

@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import EsmConfig, EsmForMaskedLM  # noqa: E402
 from transformers.models.esm.configuration_esm import get_default_vocab_list  # noqa: E402
 
+from hub.cli import main as hf_cli  # noqa: E402
 from model import build_model, get_config  # noqa: E402
-from model.hf import main as hf_cli  # noqa: E402
 from model.io import load_state_dict_checked, load_weights, save_weights  # noqa: E402
 
 SAMPLE = Path(__file__).parents[1] / "data" / "sample" / "uniprot_sample_20k.fasta.gz"

@@ -1,4 +1,4 @@
-"""`python -m model.hf push`, offline: the folder and model card it would upload (--dry-run),
+"""`python -m hub push`, offline: the folder and model card it would upload (--dry-run),
 the upload itself against a recording stand-in for huggingface_hub.HfApi, and every refusal."""
 
 import os
@@ -14,9 +14,9 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 from train_support import ROOT, assert_user_error, run_train, write_tiny_shards  # noqa: E402
 from transformers import EsmForMaskedLM  # noqa: E402
 
+from hub.card import RunInfo, _data, results  # noqa: E402
+from hub.cli import main as hf_cli  # noqa: E402
 from model import build_model, get_config  # noqa: E402
-from model.hf import main as hf_cli  # noqa: E402
-from model.hf_card import RunInfo, _data, results  # noqa: E402
 from model.io import load_state_dict_checked, load_weights, save_weights  # noqa: E402
 
 TOKEN = "hf_TestTokenNeverShown0123456789"
@@ -161,7 +161,7 @@ def test_missing_hf_token_is_refused_before_any_work(run, monkeypatch, capsys, f
 
 def test_missing_hf_token_from_the_command_line_is_one_line(run):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "model.hf", "push", str(run[0]), "me/x"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "hub", "push", str(run[0]), "me/x"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert_user_error(proc, "HF_TOKEN")
 

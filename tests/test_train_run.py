@@ -3,9 +3,11 @@
 import hashlib
 import math
 import re
+import subprocess
+import sys
 
 import pytest
-from train_support import ROOT, losses, run_train, write_tiny_shards
+from train_support import ROOT, TINY, losses, run_train, write_tiny_shards
 
 SECRET = "hf_SuperSecretValue123"
 STEP_KEYS = ["step", "loss", "lr", "tokens", "tok/s", "tok/s_all", "mfu", "train_time", "step_avg", "pad", "mem"]
@@ -102,3 +104,25 @@ def test_wandb_offline_run_was_written(run):
 def test_checkpoints_kept_and_final(run):
     tmp, _, _, _ = run
     assert sorted(p.name for p in (tmp / "ckpt" / "tiny").iterdir()) == ["step_000006", "step_000012"]
+
+
+def test_a_run_shorter_than_the_configs_warmup_shrinks_it_and_says_so(tmp_path):
+    """sample.yaml's warmup_steps: 20 on a 5-step run: the run trains with a fitted warm-up,
+    says so in one log line, and logs the warm-up it used; set on the command line it is refused."""
+    data = write_tiny_shards(tmp_path / "data", n_train=60)
+    i = TINY.index("--optim.warmup_steps")
+    without_warmup = TINY[:i] + TINY[i + 2:]
+    common = ["train.py", *without_warmup, "--data", str(data), "--num_steps", "5",
+              "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "ckpt")]
+    proc = subprocess.run([sys.executable, *common, "--log_name", "short"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "logs" / "short.txt").read_text()
+    notes = [x for x in text.splitlines() if x.startswith("note: warmup_steps")]
+    assert notes == ["note: warmup_steps=20 does not fit a 5-step run; using warmup_steps=0 "
+                     "(set --optim.warmup_steps to choose)"]
+    assert "\noptim:\n  warmup_steps: 0\n" in text, "the logged config holds the fitted warm-up"
+    assert "step:5/5" in text
+    refused = subprocess.run([sys.executable, *common, "--log_name", "refused", "--optim.warmup_steps", "20"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "warmup_steps=20 does not fit" in refused.stderr

@@ -51,7 +51,7 @@ def test_runtime_env_states_the_compiler_cast_and_keeps_user_flags():
 
 
 def test_unknown_precision_is_refused_with_the_choices():
-    from runtime.config import ConfigError
+    from runtime.errors import ConfigError
     from runtime.xla import XLABackend
 
     with pytest.raises(ConfigError, match="bf16_sr"):

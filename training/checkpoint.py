@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ConfigError
+from runtime.errors import ConfigError
 
 FORMAT = "esm-speedrun-checkpoint/1"
 STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -1,4 +1,4 @@
-"""The model card (README.md) that `python -m model.hf push` uploads beside an esm2 export.
+"""The model card (README.md) that `python -m hub push` uploads beside an esm2 export.
 
 Everything on the card is read, never guessed: the architecture from the weights, the training
 settings and counters from the training checkpoint, the benchmark numbers and the hardware

@@ -17,7 +17,7 @@ class WandbSink(NullSink):
         try:
             import wandb
         except ImportError:
-            from runtime.config import ConfigError
+            from runtime.errors import ConfigError
 
             raise ConfigError("--wandb needs the wandb package; pip install -r requirements.txt or drop --wandb.") from None
         self._wandb = wandb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from runtime.config import ConfigError
+from runtime.errors import ConfigError
 
 
 def resolve_data(cfg, backend):

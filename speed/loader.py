@@ -1,6 +1,6 @@
 """Loader + masking throughput, per process, at the speedrun batch shape.
 
-    python -m data.bench [--files SHARD...] [--batch_size 64] [--seq_len 1024] [--batches 100]
+    python -m speed.loader [--files SHARD...] [--batch_size 64] [--seq_len 1024] [--batches 100]
                          [--step_ms 20] [--threads N]
 
 Without --files, the shipped sample is prepared (train split only) into a temporary folder.
@@ -73,7 +73,7 @@ def run(files, batch_size: int, seq_len: int, batches: int, step_ms: float) -> l
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m data.bench",
+        prog="python -m speed.loader",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

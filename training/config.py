@@ -15,14 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from runtime.tracks import TRACKS
+from runtime.errors import ConfigError
+from submissions.tracks import TRACKS
 
 DEFAULT_CONFIG = "config/speedrun.yaml"
 DICT_KEYS = ("model_args", "optim")
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config or on the command line (printed as one sentence)."""
 
 
 @dataclass
@@ -59,7 +56,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for cuda) | true | false; true works on the CPU too
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP with several processes; not on xla
     seed: int = 0
-    track: str = ""  # the leaderboard track this run claims (runtime/tracks.py), "" = none
+    track: str = ""  # the leaderboard track this run claims (submissions/tracks.py), "" = none
     # outputs
     log_name: str = ""  # "" = <config name>-<time>
     log_dir: str = "logs"
@@ -69,6 +66,9 @@ class TrainConfig:
     wandb_project: str = "esm-speedrun"
     # set by load_config, for the log
     config_file: str = ""
+    # What load_config changed on its own, one log line each: a class attribute, not a field,
+    # so it is no config key and stays out of the logged config.
+    notes = ()
 
     def micro_batch_rows(self, world_size: int) -> int:
         """Rows B of each micro-batch: batch_size / (world_size * grad_accum * max_length)."""
@@ -118,7 +118,26 @@ def load_config(argv: list[str]) -> TrainConfig:
             values[key] = value
     cfg = make_config(values)
     cfg.config_file = str(path)
+    if "optim.warmup_steps" not in overrides:  # the only way to set it on the command line
+        _fit_warmup(cfg)
     return cfg
+
+
+def _fit_warmup(cfg: TrainConfig) -> None:
+    """Shrinks a warm-up from a config file or a preset that does not fit a run shortened on
+    the command line (`--num_steps 20`); one set with --optim.warmup_steps is left to be refused."""
+    from optim.config import OptimConfig, default_optim_config
+    from optim.schedules import fitted_warmup
+
+    try:
+        ocfg = OptimConfig.from_dict(cfg.optim, base=default_optim_config(cfg.model))
+        fitted = fitted_warmup(cfg.num_steps, ocfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if fitted != ocfg.warmup_steps:
+        cfg.optim = {**cfg.optim, "warmup_steps": fitted}
+        cfg.notes = (*cfg.notes, f"note: warmup_steps={ocfg.warmup_steps} does not fit a {cfg.num_steps}-step run; "
+                         f"using warmup_steps={fitted} (set --optim.warmup_steps to choose)")
 
 
 def make_config(values: dict) -> TrainConfig:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.hardware import accelerator, cost_usd
-from runtime.logparse import (
+from submissions.logparse import (
     Line,
     NotARunLog,
     RunLogFile,
@@ -39,13 +39,16 @@ from runtime.logparse import (
     resume_step,
     timeline,
 )
-from runtime.tracks import TRACKS, Track
+from submissions.tracks import TRACKS, Track
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPTED_VERSIONS = ROOT / "logs_to_keep" / "benchmark_code.sha256"
 MAX_PROBLEMS = 12  # past this many, the rest are usually consequences of the first ones
 SAME_ACROSS_RESUMES = ("data", "batch_size", "num_steps", "track")
 SKIPPED = re.compile(r"^step:(\d+) skipped:")
+# Official benchmark files that moved: current path -> the paths earlier logs embed it under.
+# The versions accepted under an old path are listed under the current one in ACCEPTED_VERSIONS.
+EARLIER_PATHS = {"evaluation/benchmark.py": ("runtime/evaluation.py",)}
 
 class Rejected(Exception):
     """The log fails verification; `problems` are one sentence each."""
@@ -56,13 +59,13 @@ class Rejected(Exception):
 
 
 def benchmark_files() -> tuple[str, ...]:
-    """BENCHMARK_FILES of runtime/evaluation.py, read without importing it (and torch), so
+    """BENCHMARK_FILES of evaluation/benchmark.py, read without importing it (and torch), so
     that verifying a log takes a fraction of a second."""
-    tree = ast.parse((ROOT / "runtime" / "evaluation.py").read_text())
+    tree = ast.parse((ROOT / "evaluation" / "benchmark.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "BENCHMARK_FILES" for t in node.targets):
             return tuple(ast.literal_eval(node.value))
-    raise RuntimeError("runtime/evaluation.py no longer defines BENCHMARK_FILES")
+    raise RuntimeError("evaluation/benchmark.py no longer defines BENCHMARK_FILES")
 
 
 def accepted_versions(listed: Path = ACCEPTED_VERSIONS) -> dict[str, set[str]]:
@@ -196,12 +199,12 @@ def check_benchmark(log: RunLogFile, accepted: dict[str, set[str]], fail) -> Non
     for seg in log.segments:
         embedded = {s.path: s for s in seg.sources}
         for f, shas in accepted.items():
-            src = embedded.get(f)
+            src = next((embedded[p] for p in (f, *EARLIER_PATHS.get(f, ())) if p in embedded), None)
             if src is None:
                 fail(seg.lineno, f"header {seg.index + 1} does not embed the official benchmark file {f}: "
                                  "the run did not use this project's evaluation and data code.")
             elif src.sha256 not in shas:
-                fail(src.lineno, f"the embedded {f} (sha256 {src.sha256[:12]}...) is not an official version "
+                fail(src.lineno, f"the embedded {src.path} (sha256 {src.sha256[:12]}...) is not an official version "
                                  "of the benchmark code: it differs from this checkout's and from every "
                                  "version listed in logs_to_keep/benchmark_code.sha256.")
 
@@ -499,7 +502,7 @@ def _same_value(text, value) -> bool:
 def check_splits(track: Track, log: RunLogFile, run: _Run, fail) -> None:
     """The final evaluations scored the track's own validation and test splits: their masked
     token counts are the splits' fingerprints, and where the track pins the shards' sha256,
-    every process of the run must have recorded those (runtime/tracks.py)."""
+    every process of the run must have recorded those (submissions/tracks.py)."""
     for key in ("valid_sha256", "test_sha256"):
         expected = getattr(track, key)
         for seg in log.segments if expected else ():

@@ -1,4 +1,4 @@
-"""Reading the run log (runtime/runlog.py writes it) back: the text file a run submits and the
+"""Reading the run log (training/runlog.py writes it) back: the text file a run submits and the
 JSON-lines file beside it, into one structure that leaderboard.py checks, ranks and plots.
 
 The text file is a sequence of blocks, each opened by a title between two bars of 100 '=':

@@ -1,6 +1,6 @@
 """Muon's Newton-Schulz iteration in bf16 against fp32 on this machine, for one model's matrices.
 
-    python -m optim.bench [--config config/sample.yaml] [--reps 5] [--threads N]
+    python -m speed.newton_schulz [--config config/sample.yaml] [--reps 5] [--threads N]
 
 Builds the config's model, takes the matrices Muon updates (build_param_groups), and times one
 optimizer step's worth of orthogonalisation (every matrix once, 5 iterations) in each dtype:
@@ -19,7 +19,7 @@ import torch
 
 from model import build_model
 from optim import build_param_groups, zeropower_via_newtonschulz5
-from runtime.config import ConfigError, load_config, model_config, optim_config
+from training.config import ConfigError, load_config, model_config, optim_config
 
 
 def _ms_per_step(matrices: list[torch.Tensor], dtype: torch.dtype, reps: int) -> float:
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         model = build_model(model_config(cfg))
         groups = build_param_groups(model, optim_config(cfg))
     except ConfigError as e:
-        raise SystemExit(f"optim.bench: {e}") from None
+        raise SystemExit(f"speed.newton_schulz: {e}") from None
     g = torch.Generator().manual_seed(0)
     matrices = [torch.randn(p.reshape(p.shape[0], -1).shape, generator=g)
                 for group in groups if group["optimizer"] == "muon" for p in group["params"]]

@@ -1,0 +1,1 @@
+"""The speed benchmark: throughput, latency, memory, MFU and cost (never model quality)."""

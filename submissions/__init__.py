@@ -1,0 +1,1 @@
+"""The leaderboard: tracks, run-log parsing, the verification rules, LEADERBOARD.md rendering."""

@@ -1,0 +1,1 @@
+"""The run itself: configuration, checkpoints, the run log, metric sinks, dataset setup."""
