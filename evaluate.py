@@ -2,19 +2,29 @@
 
     python evaluate.py --checkpoint checkpoints/RUN [--data sample] [--split valid|test]
     python evaluate.py --hf facebook/esm2_t6_8M_UR50D --data omg_prot50 --protocol splm
+    python evaluate.py --checkpoint checkpoints/RUN --fasta seqs.fasta.gz   # any sequences
     python evaluate.py --unigram --data sample       # the residue-frequency baseline
 
 --checkpoint takes a training checkpoint (a step directory, or a run directory: its newest
 step) or a weights file (model.io / `python -m hub import`). --hf takes a Hugging Face
 EsmForMaskedLM directory or Hub id, run as Hugging Face runs it (one padded sequence per row).
 --protocol splm is the published SpeedrunningPLMs evaluation (reference table, §8.1).
+--data DIR needs only the shards it scores: an evaluation-only dataset (`python -m data.prepare
+--eval_only`, no train shards) works, except with --unigram.
+--fasta scores every sequence of a file (FASTA plain or gzip, or any input of data.prepare)
+without a prepared dataset: each rank prepares it as an evaluation-only dataset, cut to 1024
+tokens, in a private temporary directory removed afterwards. The file's i-th (non-empty)
+sequence gets the benchmark masks of index i, and the numbers are printed as valid_*, like
+--data DIR --split valid of `data.prepare FILE --eval_only`. --split and --unigram need --data.
 Runs under torchrun too: sequences are dealt to ranks and the sums reduced.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,9 +120,11 @@ def main(argv=None) -> int:
     what.add_argument("--checkpoint", help="training checkpoint directory or weights file")
     what.add_argument("--hf", help="Hugging Face EsmForMaskedLM directory or Hub id")
     what.add_argument("--unigram", action="store_true", help="the residue-frequency baseline of --data's train split")
-    ap.add_argument("--data", default="sample", help="sample | omg_prot50 | a directory of shards (default sample)")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--data", help="sample | omg_prot50 | a shard directory (default sample)")
+    source.add_argument("--fasta", help="score every sequence of this FASTA file (plain or gzip)")
     ap.add_argument("--data_cache", default=None, help="cache directory of sample/omg_prot50")
-    ap.add_argument("--split", default="valid", choices=("valid", "test"))
+    ap.add_argument("--split", choices=("valid", "test"), help="split of --data (default valid)")
     ap.add_argument("--protocol", default="benchmark", choices=("benchmark", "splm"))
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "xla"))
     ap.add_argument("--batch_size", type=int, default=16384, help="tokens per batch per rank (benchmark protocol)")
@@ -124,19 +136,61 @@ def main(argv=None) -> int:
         return 2
 
 
+def dataset_files(spec: str, cache: str | None):
+    """--data's shards. A directory is read as it is, so that an evaluation-only dataset (no
+    train shards, which resolve_dataset and training require) can be scored."""
+    from data.datasets import DOWNLOADS, find_shards, resolve_dataset
+
+    if spec == "sample" or spec in DOWNLOADS or not Path(spec).is_dir():
+        return resolve_dataset(spec, cache)
+    try:
+        return find_shards(spec)
+    except ValueError as e:  # shards of several datasets in one directory
+        raise ConfigError(f"--data {spec}: {e}") from None
+
+
+def fasta_split(path: str, out: Path) -> tuple[list[Path], str]:
+    """The valid shards of `path` prepared as an evaluation-only dataset in `out` (data.prepare
+    --eval_only: input order, so the masks follow each sequence's position), and a label."""
+    from data.datasets import find_shards
+    from data.prepare import PrepareError, prepare
+
+    try:
+        s = prepare([path], out, "fasta", eval_only=True, max_length=BENCH_LENGTH, quiet=True)
+    except PrepareError as e:
+        raise ConfigError(f"--fasta {e}") from None
+    v = s["splits"]["valid"]
+    cut = f"{v['truncated']:,} cut to {BENCH_LENGTH} tokens"
+    return find_shards(out).valid, f"{path} ({v['sequences']:,} sequences, {cut})"
+
+
 def _run(args) -> int:
     from data.benchmark import EvalLoader
-    from data.datasets import resolve_dataset
 
+    if args.fasta and args.unigram:
+        raise ConfigError("--unigram needs the train split of a --data dataset; --fasta has none.")
+    if args.fasta and args.split:
+        raise ConfigError("--split picks a split of --data; --fasta scores every sequence of "
+                          f"{args.fasta}, so leave --split out.")
+    data, split_name = args.data or "sample", args.split or "valid"
     backend = get_backend(args.device)
     backend.init_distributed()
+    tmp = None
     try:
-        files = resolve_dataset(args.data, args.data_cache)
-        split = getattr(files, args.split)
-        if not split:
-            raise ConfigError(f"--data {args.data} has no {args.split} shards; prepare it with --valid/--test sequences.")
+        if args.fasta:  # each rank its own copy: same file, same shards, nothing shared
+            tmp = tempfile.mkdtemp(prefix="evaluate-fasta-")
+            split, where = fasta_split(args.fasta, Path(tmp))
+        else:
+            files = dataset_files(data, args.data_cache)
+            split, where = getattr(files, split_name), f"{data}/{split_name}"
+            if not split:
+                raise ConfigError(f"--data {data} has no {split_name} shards; "
+                                  "prepare it with --valid/--test sequences.")
         if args.unigram:
-            model, name = Unigram(files.train), f"unigram of {args.data}/train"
+            if not files.train:
+                raise ConfigError(f"--unigram needs train shards and --data {data} has none; "
+                                  "pass a dataset with a train split.")
+            model, name = Unigram(files.train), f"unigram of {data}/train"
         elif args.checkpoint:
             model, name = load_checkpoint_model(args.checkpoint), args.checkpoint
         else:
@@ -149,12 +203,14 @@ def _run(args) -> int:
                                 rank=backend.rank, world_size=backend.world_size)
             m = evaluate(model, loader, backend)
         if backend.is_main:
-            print(f"{name} on {args.data}/{args.split}, {args.protocol} protocol, {m['tokens']} masked tokens")
+            print(f"{name} on {where}, {args.protocol} protocol, {m['tokens']} masked tokens")
             print(f"{'metric':<10} value")
             for k, v in m.items():
                 print(f"{k:<10} {v if isinstance(v, int) else f'{v:.4f}'}")
-            print(format_line({f"{args.split}_{k}": v for k, v in m.items()}))
+            print(format_line({f"{split_name}_{k}": v for k, v in m.items()}))
     finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         backend.shutdown()
     return 0
 

@@ -2,10 +2,14 @@
 
     python -m data.prepare INPUT... --out DIR --name NAME [--valid N] [--test N] [--seed S]
                            [--shard_tokens T] [--max_length L] [--dedup]
+    python -m data.prepare INPUT... --out DIR --name NAME --eval_only [--max_length L]
 
 INPUT: FASTA (plain or .gz), one sequence per line (plain or .gz), or parquet with a
 `sequence` column. Splits are drawn by seed over the (deduplicated) sequences in input order;
 valid/test documents are cut to L tokens (<cls> and <eos> kept), train documents stay whole.
+--eval_only makes an evaluation-only dataset instead: every usable sequence goes to valid, in
+input order (no draw, so the benchmark's masks of sequence i are fixed by its position), and
+no train or test shards are written (`python evaluate.py --data DIR`).
 All shards are written to a staging folder and moved into place at the end, so a killed run
 leaves no half shard under a final name.
 """
@@ -18,6 +22,7 @@ import hashlib
 import os
 import shutil
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +33,8 @@ from data.shards import join_documents, write_shard
 from data.tokenizer import encode_with_unknowns
 
 SPLITS = ("train", "valid", "test")
+HELD_OUT = 1000  # default --valid and --test sequences
+FORMATS = "FASTA, one sequence per line (plain or gzip) or parquet with a 'sequence' column"
 
 
 class PrepareError(ValueError):
@@ -68,6 +75,8 @@ def _iter_lines(path: Path) -> Iterator[bytes]:
             line = line.strip()
             if not line:
                 continue
+            if b"\0" in line:
+                raise PrepareError(f"{path}: binary data, not text; pass {FORMATS}")
             if fasta is None:
                 fasta = line.startswith(b">")
             if not fasta:
@@ -88,8 +97,13 @@ def iter_sequences(paths) -> Iterator[bytes]:
         if not path.is_file():
             raise PrepareError(f"{path}: input file not found; check the path")
         reader = _iter_parquet if path.suffix == ".parquet" else _iter_lines
-        for seq in reader(path):
-            yield seq.rstrip(b"*")
+        try:
+            for seq in reader(path):
+                yield seq.rstrip(b"*")
+        except PrepareError:
+            raise
+        except (OSError, EOFError, ValueError, zlib.error) as e:  # e.g. a truncated .gz
+            raise PrepareError(f"{path}: cannot read it ({e}); pass {FORMATS}") from None
 
 
 class _SplitWriter:
@@ -145,31 +159,54 @@ def prepare(
     out,
     name: str,
     *,
-    valid: int = 1000,
-    test: int = 1000,
+    valid: int | None = None,
+    test: int | None = None,
     seed: int = 0,
     shard_tokens: int = 10**8,
     max_length: int = 1024,
     dedup: bool = False,
+    eval_only: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Write the shards and return a summary (sequences, tokens, unknowns, drops, per split)."""
+    """Write the shards and return a summary (sequences, tokens, unknowns, drops, per split).
+
+    valid/test default to 1000 sequences each. eval_only=True makes an evaluation-only dataset:
+    every usable sequence in valid, in input order (valid may only be None or that count),
+    test None or 0, no train shards."""
     out = Path(out)
+    where = ", ".join(map(str, inputs))
     if not name or "/" in name or name.startswith("."):
         raise PrepareError(f"--name {name!r}: give a plain dataset name such as 'uniprot'")
-    if valid < 0 or test < 0 or shard_tokens < 3 or max_length < 3:
+    if eval_only and test:
+        raise PrepareError(
+            f"--eval_only writes no test split (got --test {test}); pass --test 0 or leave it out"
+        )
+    if not eval_only:
+        valid = HELD_OUT if valid is None else valid
+        test = HELD_OUT if test is None else test
+    if min(valid or 0, test or 0) < 0 or shard_tokens < 3 or max_length < 3:
         raise PrepareError("--valid/--test must be >= 0, --shard_tokens and --max_length >= 3")
     n_read, n_dup, dropped = _scan(inputs, dedup)
     n_kept = n_read - len(dropped)
-    if valid + test >= n_kept:
-        raise PrepareError(
-            f"{', '.join(map(str, inputs))}: {n_kept} usable sequences cannot give "
-            f"{valid} valid + {test} test and leave any for training; "
-            "pass smaller --valid/--test"
-        )
-    split_of = np.zeros(n_kept, np.uint8)  # 0 train, 1 valid, 2 test; drawn by seed
-    held = np.random.default_rng(seed).permutation(n_kept)[: valid + test]
-    split_of[held[:valid]], split_of[held[valid:]] = 1, 2
+    if n_kept == 0:
+        raise PrepareError(f"{where}: no usable sequences; pass {FORMATS}")
+    if eval_only:
+        if valid not in (None, n_kept):
+            raise PrepareError(
+                f"{where}: --eval_only puts all {n_kept} usable sequences in valid; "
+                f"leave out --valid or pass --valid {n_kept}"
+            )
+        split_of = np.ones(n_kept, np.uint8)  # all valid, in input order: no draw by seed
+    else:
+        if valid + test >= n_kept:
+            raise PrepareError(
+                f"{where}: {n_kept} usable sequences cannot give {valid} valid + {test} test "
+                "and leave any for training; pass smaller --valid/--test, or pass --eval_only "
+                "to make an evaluation-only dataset"
+            )
+        split_of = np.zeros(n_kept, np.uint8)  # 0 train, 1 valid, 2 test; drawn by seed
+        held = np.random.default_rng(seed).permutation(n_kept)[: valid + test]
+        split_of[held[:valid]], split_of[held[valid:]] = 1, 2
 
     out.mkdir(parents=True, exist_ok=True)
     stage = out / f".{name}.prepare-{os.getpid()}"
@@ -229,7 +266,9 @@ def _print_summary(s: dict, out: Path, name: str):
             f"{split:<6} {v['sequences']:>10,} {v['tokens']:>14,} {v['truncated']:>10,} "
             f"{v['shards']:>7}"
         )
-    print(f"shards: {out}/{name}_{{train,valid,test}}_NNNNNN.bin")
+    written = [split for split, v in s["splits"].items() if v["shards"]]
+    splits = written[0] if len(written) == 1 else "{" + ",".join(written) + "}"
+    print(f"shards: {out}/{name}_{splits}_NNNNNN.bin")
 
 
 def main(argv=None) -> int:
@@ -241,8 +280,10 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--name", required=True, help="dataset name, the shard file prefix")
-    p.add_argument("--valid", type=int, default=1000, help="validation sequences (default 1000)")
-    p.add_argument("--test", type=int, default=1000, help="test sequences (default 1000)")
+    p.add_argument(
+        "--valid", type=int, help="validation sequences (default 1000; all with --eval_only)"
+    )
+    p.add_argument("--test", type=int, help="test sequences (default 1000; 0 with --eval_only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split draw (default 0)")
     p.add_argument("--shard_tokens", type=float, default=1e8, help="max tokens per shard")
     p.add_argument(
@@ -252,6 +293,11 @@ def main(argv=None) -> int:
         help="valid/test documents are cut to this many tokens (default 1024)",
     )
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate sequences")
+    p.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="evaluation-only dataset: every sequence in valid, in input order; no train/test",
+    )
     a = p.parse_args(argv)
     try:
         prepare(
@@ -264,6 +310,7 @@ def main(argv=None) -> int:
             shard_tokens=int(a.shard_tokens),
             max_length=a.max_length,
             dedup=a.dedup,
+            eval_only=a.eval_only,
         )
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)

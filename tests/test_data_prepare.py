@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data import prepare as prepare_mod
-from data.datasets import SAMPLE_FASTA, find_shards
+from data.datasets import SAMPLE_FASTA, find_shards, resolve_dataset
 from data.prepare import PrepareError, prepare
 from data.shards import document_bounds, read_shard
 from data.tokenizer import decode
@@ -125,6 +125,60 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     with pytest.raises(PrepareError, match="needs a 'sequence' column"):
         prepare([tmp_path / "p.parquet"], tmp_path / "o", "d", valid=0, test=0, quiet=True)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.bin"))
+
+
+def test_eval_only_puts_every_sequence_in_valid_in_input_order(tmp_path):
+    seqs = sequences(60, lo=5, hi=120)
+    fasta = write_fasta(tmp_path / "in.fa.gz", seqs)
+    out = tmp_path / "a"
+    prepare([fasta], out, "d", valid=20, test=10, quiet=True)  # a full dataset, then replaced
+    kw = dict(eval_only=True, max_length=50, shard_tokens=1000, quiet=True)
+    s = prepare([fasta], out, "d", seed=1, **kw)
+    prepare([fasta], tmp_path / "b", "d", seed=2, **kw)
+    files = find_shards(out)
+    assert files.train == [] and files.test == [] and len(files.valid) > 1
+    assert not [p for p in out.iterdir() if "_valid_" not in p.name]  # no train/test, no stage
+    assert documents(out, "valid") == [x[:48] for x in seqs]  # input order, cut to 50 tokens
+    assert s["splits"]["valid"]["truncated"] == sum(len(x) > 48 for x in seqs) > 0
+    assert s["splits"]["train"]["sequences"] == s["splits"]["test"]["sequences"] == 0
+    a, b = sorted(out.iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [x.read_bytes() for x in a] == [y.read_bytes() for y in b]  # --seed plays no part
+    with pytest.raises(FileNotFoundError, match="holds no \\*_train_NNNNNN.bin shards"):
+        resolve_dataset(str(out))  # what training reads: it still refuses a dataset to train on
+
+
+def test_eval_only_is_asked_for_explicitly(tmp_path, capsys):
+    fasta = write_fasta(tmp_path / "in.fa", sequences(10))
+    cli = [str(fasta), "--out", str(tmp_path / "o"), "--name", "n", "--valid", "10"]
+    assert prepare_mod.main([*cli, "--test", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(fasta) in err
+    assert "cannot give 10 valid + 0 test" in err and "pass --eval_only" in err
+    assert not (tmp_path / "o").exists()
+    assert prepare_mod.main([*cli, "--eval_only"]) == 0
+    assert f"shards: {tmp_path / 'o'}/n_valid_NNNNNN.bin" in capsys.readouterr().out
+    assert len(documents(tmp_path / "o", "valid")) == 10 and not find_shards(tmp_path / "o").train
+    with pytest.raises(PrepareError, match="--eval_only writes no test split \\(got --test 2\\)"):
+        prepare([fasta], tmp_path / "p", "d", eval_only=True, test=2, quiet=True)
+    with pytest.raises(PrepareError, match="puts all 10 usable sequences in valid; .* --valid 10"):
+        prepare([fasta], tmp_path / "p", "d", eval_only=True, valid=5, quiet=True)
+    assert not (tmp_path / "p").exists()
+
+
+def test_unreadable_inputs_are_refused_naming_the_file(tmp_path):
+    good = gzip.compress(b">a\nMKV\n" * 200)
+    cases = {
+        "empty.fa": (b"", "no usable sequences"),
+        "headers.fa": (b">a\n>b\n", "no usable sequences"),
+        "cut.fa.gz": (good[: len(good) // 2], "cannot read it"),
+        "binary.fa": (bytes(range(256)) * 4, "binary data, not text"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(PrepareError, match=message) as e:
+            prepare([tmp_path / name], tmp_path / "o", "d", eval_only=True, quiet=True)
+        assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
 
 
 def prepare_cli(*args):
