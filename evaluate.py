@@ -27,91 +27,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from data.shards import ShardError
-from data.tokenizer import PAD, VOCAB_SIZE
 from evaluation.benchmark import BENCH_LENGTH, evaluate
+from evaluation.inputs import dataset_files, fasta_split, load_checkpoint_model, load_hf_model
 from evaluation.splm import evaluate_splm
 from evaluation.unigram import Unigram
 from runtime.devices import get_backend
 from runtime.errors import ConfigError
 from training.runlog import format_line
-
-
-class HFMaskedLM(nn.Module):
-    """A Hugging Face EsmForMaskedLM behind the project's model interface: each document of a
-    packed row is cut out and run as its own padded sequence, positions starting at 0, as HF
-    users feed it; the logits are put back in place."""
-
-    def __init__(self, hf_model: nn.Module, sequences_per_call: int = 16):
-        super().__init__()
-        self.hf, self.per_call = hf_model, sequences_per_call
-
-    def forward(self, input_ids, doc_ids, labels=None):
-        B, L = input_ids.shape
-        spans = []  # (row, start, end) of every document
-        for r in range(B):
-            ids = doc_ids[r].tolist()
-            start = 0
-            for j in range(1, L + 1):
-                if j == L or ids[j] != ids[start]:
-                    if ids[start] >= 0:
-                        spans.append((r, start, j))
-                    start = j
-        logits = torch.zeros(B, L, VOCAB_SIZE, device=input_ids.device)
-        for i in range(0, len(spans), self.per_call):
-            chunk = spans[i:i + self.per_call]
-            width = max(e - s for _, s, e in chunk)
-            ids = torch.full((len(chunk), width), PAD, dtype=torch.long, device=input_ids.device)
-            mask = torch.zeros_like(ids)
-            for k, (r, s, e) in enumerate(chunk):
-                ids[k, : e - s] = input_ids[r, s:e]
-                mask[k, : e - s] = 1
-            out = self.hf(input_ids=ids, attention_mask=mask).logits.float()
-            for k, (r, s, e) in enumerate(chunk):
-                logits[r, s:e] = out[k, : e - s, :VOCAB_SIZE]
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.view(-1, VOCAB_SIZE), labels.view(-1),
-                                               ignore_index=-100, reduction="sum")
-        return logits, loss
-
-
-def load_checkpoint_model(path: str) -> nn.Module:
-    from model import build_model
-    from model.io import load_state_dict_checked, load_weights
-    from training.checkpoint import list_checkpoints
-
-    p = Path(path)
-    if p.is_dir():
-        steps = [p] if (p / "common.pt").is_file() else list_checkpoints(p)
-        if not steps:
-            raise ConfigError(f"--checkpoint {path} holds no checkpoint (no common.pt or step_*/); pass a step directory or a weights file.")
-        p = steps[-1] / "common.pt"
-    elif not p.is_file():
-        raise ConfigError(f"--checkpoint {path} does not exist; pass a checkpoint directory or a weights file.")
-    try:
-        cfg, state = load_weights(p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    model = build_model(cfg)
-    load_state_dict_checked(model, state)
-    return model
-
-
-def load_hf_model(name: str) -> nn.Module:
-    try:
-        from transformers import EsmForMaskedLM
-    except ImportError:
-        raise ConfigError("--hf needs the transformers package; pip install -r requirements-dev.txt.") from None
-    try:
-        hf = EsmForMaskedLM.from_pretrained(name)
-    except OSError as e:
-        raise ConfigError(f"--hf {name}: cannot load a Hugging Face ESM model ({str(e).splitlines()[0]}); "
-                          "pass a local directory or check the id and your network/HF_TOKEN.") from None
-    return HFMaskedLM(hf.float())
 
 
 def main(argv=None) -> int:
@@ -134,34 +57,6 @@ def main(argv=None) -> int:
     except (ConfigError, ShardError, FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return 2
-
-
-def dataset_files(spec: str, cache: str | None):
-    """--data's shards. A directory is read as it is, so that an evaluation-only dataset (no
-    train shards, which resolve_dataset and training require) can be scored."""
-    from data.datasets import DOWNLOADS, find_shards, resolve_dataset
-
-    if spec == "sample" or spec in DOWNLOADS or not Path(spec).is_dir():
-        return resolve_dataset(spec, cache)
-    try:
-        return find_shards(spec)
-    except ValueError as e:  # shards of several datasets in one directory
-        raise ConfigError(f"--data {spec}: {e}") from None
-
-
-def fasta_split(path: str, out: Path) -> tuple[list[Path], str]:
-    """The valid shards of `path` prepared as an evaluation-only dataset in `out` (data.prepare
-    --eval_only: input order, so the masks follow each sequence's position), and a label."""
-    from data.datasets import find_shards
-    from data.prepare import PrepareError, prepare
-
-    try:
-        s = prepare([path], out, "fasta", eval_only=True, max_length=BENCH_LENGTH, quiet=True)
-    except PrepareError as e:
-        raise ConfigError(f"--fasta {e}") from None
-    v = s["splits"]["valid"]
-    cut = f"{v['truncated']:,} cut to {BENCH_LENGTH} tokens"
-    return find_shards(out).valid, f"{path} ({v['sequences']:,} sequences, {cut})"
 
 
 def _run(args) -> int:

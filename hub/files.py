@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -15,7 +14,7 @@ from model import build_model
 from model.config import ModelConfig
 from model.hf import config_from_hf, hf_model_from_ours, state_dict_from_hf
 from model.io import load_state_dict_checked, load_weights, save_weights
-from training.checkpoint import list_checkpoints
+from training.checkpoint import weights_file
 
 
 def import_hf(hf_dir: str, checkpoint: str) -> ModelConfig:
@@ -29,25 +28,10 @@ def import_hf(hf_dir: str, checkpoint: str) -> ModelConfig:
     return cfg
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """The file to read: a weights file as is; a step directory's common.pt; a run
-    directory's newest step."""
-    p = Path(checkpoint)
-    if p.is_dir():
-        steps = [p] if (p / "common.pt").is_file() else list_checkpoints(p)
-        if not steps:
-            raise ValueError(f"{checkpoint} holds no checkpoint (no common.pt or step_*/common.pt); "
-                             "pass a step directory, a run directory or a weights file.")
-        return steps[-1] / "common.pt"
-    if not p.is_file():
-        raise ValueError(f"{checkpoint} does not exist; pass a weights file or a checkpoint directory.")
-    return p
-
-
 def export_hf(checkpoint: str, out_dir: str) -> ModelConfig:
     from transformers import EsmTokenizer
 
-    cfg, sd = load_weights(resolve_checkpoint(checkpoint))
+    cfg, sd = load_weights(weights_file(checkpoint))
     try:
         hf = hf_model_from_ours(sd, cfg)
     except ValueError as e:

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from hub.card import gather, model_card
-from hub.files import export_hf, resolve_checkpoint
+from hub.files import export_hf
+from training.checkpoint import weights_file
 
 TOKEN_VAR = "HF_TOKEN"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -46,7 +47,7 @@ def push_hf(checkpoint: str, repo_id: str, *, private: bool = False, log: str | 
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"--dry-run {dry_run} exists and is not an empty directory; "
                              "pass a new one.")
-    source = resolve_checkpoint(checkpoint)
+    source = weights_file(checkpoint)
     info = gather(source, log)  # a wrong --log is refused before anything is written
     with tempfile.TemporaryDirectory(prefix="esm-hf-push-") as tmp:
         folder = Path(dry_run) if dry_run is not None else Path(tmp)

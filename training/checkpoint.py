@@ -79,6 +79,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def weights_file(spec: str) -> Path:
+    """The file holding a model's weights: a weights file as it is; a step directory's
+    common.pt; a run directory's newest step's common.pt (evaluate.py, python -m hub)."""
+    path = Path(spec)
+    if path.is_dir():
+        steps = [path] if (path / "common.pt").is_file() else list_checkpoints(path)
+        if not steps:
+            raise CheckpointError(f"{spec} holds no checkpoint (no common.pt or step_*/common.pt); "
+                                  "pass a step directory, a run directory or a weights file.")
+        return steps[-1] / "common.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{spec} does not exist; pass a weights file or a checkpoint directory.")
+    return path
+
+
 def resolve(spec: str, run_dir: Path) -> Path | None:
     """`--resume auto` -> newest checkpoint of this run (None: start fresh); a path -> that
     step directory, or the newest one inside a run directory."""
