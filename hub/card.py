@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from model.config import ModelConfig
+from model.io import UnsafeFileError, load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS = ["protein", "esm2", "masked-language-modeling", "esm-speedrun"]
@@ -48,14 +49,12 @@ class RunInfo:
 def read_checkpoint_meta(path: Path) -> tuple[dict | None, dict | None]:
     """(training config, counters) of a train.py checkpoint; (None, None) for a weights file.
     Memory-mapped, so the weights are not read a second time."""
-    blob = None
-    # training checkpoints may hold non-tensor objects (see model.io); old files cannot be mapped
-    for weights_only, mmap in ((True, True), (False, True), (False, False)):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
-            break
-        except Exception:
-            continue
+    try:
+        blob = load_file(path, mmap=True)
+    except UnsafeFileError:
+        raise
+    except ValueError:  # no zip layout to map (an old format, or no checkpoint at all)
+        blob = None
     if not isinstance(blob, dict) or "model_config" not in blob:
         raise ValueError(f"{path}: not an esm-speedrun weights file or checkpoint.")
     config, state = blob.get("config"), blob.get("state")

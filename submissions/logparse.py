@@ -25,6 +25,12 @@ NOTE = re.compile(r"^(?P<key>[A-Za-z_][\w]*): (?P<value>.*)$")  # `params: 123` 
 NUMBER = re.compile(r"^(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE](?P<exp>[-+]?\d+))?)(?:ms|s|GiB)?$")
 
 
+# A log is untrusted input: these bound the time and memory spent on one before it is refused.
+# A 500k-step run logging every 10 steps writes about 13 MB; raise --log_every past the limit.
+MAX_LOG_BYTES = 64 * 2**20
+MAX_LINE_CHARS = 64 * 2**10  # the longest line train.py writes (a .jsonl header) is ~2 KB
+
+
 class NotARunLog(ValueError):
     """The file is missing or is not a run log at all (leaderboard.py exits 2)."""
 
@@ -185,12 +191,44 @@ def _blocks(text: str, path: Path) -> list[tuple[str, int, list[str]]]:
     return blocks
 
 
+def read_bounded(path: Path) -> bytes:
+    """The bytes of a log file, refused in one sentence (NotARunLog) before anything is parsed
+    when it is missing, a link, larger than MAX_LOG_BYTES, binary, or has an overlong line."""
+    if path.is_symlink():
+        raise NotARunLog(f"{path} is a symbolic link; pass the log file itself")
+    if not path.is_file():
+        raise NotARunLog(f"{path} does not exist")
+    limit = f"{MAX_LOG_BYTES // 2**20} MiB"
+    if path.stat().st_size > MAX_LOG_BYTES:
+        raise NotARunLog(f"{path} is {path.stat().st_size / 2**20:,.0f} MiB, more than a run log may be "
+                         f"({limit}); a longer run must log less often (--log_every)")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_LOG_BYTES + 1)  # the file may have grown since stat
+    if len(raw) > MAX_LOG_BYTES:
+        raise NotARunLog(f"{path} is more than a run log may be ({limit})")
+    if b"\0" in raw:
+        raise NotARunLog(f"{path} holds binary data (NUL bytes), not a run log")
+    long = re.search(rb"[^\n]{%d}" % (MAX_LINE_CHARS + 1), raw)
+    if long:
+        line = raw.count(b"\n", 0, long.start()) + 1
+        raise NotARunLog(f"{path} line {line} is longer than any line of a run log "
+                         f"({MAX_LINE_CHARS:,} characters)")
+    return raw
+
+
+def _source_name(name: str, path: Path, lineno: int) -> str:
+    """An embedded source's name, which must be a path inside the project."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "~")) or "\\" in name or ".." in parts or ":" in parts[0]:
+        raise NotARunLog(f"{path} line {lineno}: the embedded source {name[:80]!r} is not a path inside "
+                         "the project (absolute, or with '..'); train.py writes no such log")
+    return name
+
+
 def parse_text(path: str | Path) -> RunLogFile:
     """The .txt run log; NotARunLog when it is missing or has no run log structure."""
     path = Path(path)
-    if not path.is_file():
-        raise NotARunLog(f"{path} does not exist")
-    raw = path.read_bytes()
+    raw = read_bounded(path)
     # surrogateescape keeps every byte, so an embedded source re-encodes to exactly what was written
     text = raw.decode("utf-8", "surrogateescape")
     blocks = _blocks(text, path)
@@ -205,7 +243,7 @@ def parse_text(path: str | Path) -> RunLogFile:
             if expect not in ("source", "run-or-next", "summary-or-next"):
                 raise NotARunLog(f"{path} line {lineno}: a source block inside a header")
             expect = "source"  # a resumed run's header starts after the run block or the summary
-            sources.append(Source(m["path"], m["sha"], "\n".join(body) + "\n", lineno))
+            sources.append(Source(_source_name(m["path"], path, lineno), m["sha"], "\n".join(body) + "\n", lineno))
         elif title == "environment":
             if expect != "source":
                 raise NotARunLog(f"{path} line {lineno}: an environment block out of place")
@@ -217,7 +255,7 @@ def parse_text(path: str | Path) -> RunLogFile:
             if expect != "config":
                 raise NotARunLog(f"{path} line {lineno}: a config block out of place")
             try:
-                config = yaml.safe_load("\n".join(body)) or {}
+                config = yaml.load("\n".join(body), Loader=_PlainYAML) or {}
             except yaml.YAMLError:
                 config = None
             if not isinstance(config, dict):
@@ -252,6 +290,16 @@ def parse_text(path: str | Path) -> RunLogFile:
     return log
 
 
+class _PlainYAML(yaml.SafeLoader):
+    """safe_load without anchors and aliases, which train.py never writes and which let a small
+    text stand for a huge structure."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not allowed in a run log's config")
+        return super().compose_node(parent, index)
+
+
 def _notes(body: list[str]) -> dict:
     out = {}
     for t in body:
@@ -266,27 +314,29 @@ def parse_jsonl(path: str | Path) -> RunLogFile:
     unrounded; `lineno` is the record's line)."""
     path = Path(path)
     log = RunLogFile(path, [], [])
-    with open(path) as f:
-        for lineno, row in enumerate(f, start=1):
-            if not row.strip():
-                continue
-            try:
-                rec = json.loads(row)
-            except json.JSONDecodeError:
-                raise NotARunLog(f"{path} line {lineno} is not JSON") from None
-            kind = rec.pop("kind", None)
-            if kind == "header":
-                seg = Segment(len(log.segments), lineno, [], rec.pop("environment", {}), rec.pop("config", {}))
-                seg.notes = rec
-                log.segments.append(seg)
-            elif kind in ("step", "eval") and log.segments:
-                rec.pop("num_steps", None)
-                sort = "step" if kind == "step" else "val" if "val_loss" in rec else "test"
-                log.segments[-1].lines.append(Line(sort, rec, lineno, len(log.segments) - 1))
-            elif kind == "summary":
-                log.summaries.append((lineno, rec))
-            else:
-                raise NotARunLog(f"{path} line {lineno}: a record of kind {kind!r} out of place")
+    text = read_bounded(path).decode("utf-8", "replace")
+    for lineno, row in enumerate(text.split("\n"), start=1):
+        if not row.strip():
+            continue
+        try:
+            rec = json.loads(row)
+        except json.JSONDecodeError:
+            raise NotARunLog(f"{path} line {lineno} is not JSON") from None
+        if not isinstance(rec, dict):
+            raise NotARunLog(f"{path} line {lineno} is not a JSON object")
+        kind = rec.pop("kind", None)
+        if kind == "header":
+            seg = Segment(len(log.segments), lineno, [], rec.pop("environment", {}), rec.pop("config", {}))
+            seg.notes = rec
+            log.segments.append(seg)
+        elif kind in ("step", "eval") and log.segments:
+            rec.pop("num_steps", None)
+            sort = "step" if kind == "step" else "val" if "val_loss" in rec else "test"
+            log.segments[-1].lines.append(Line(sort, rec, lineno, len(log.segments) - 1))
+        elif kind == "summary":
+            log.summaries.append((lineno, rec))
+        else:
+            raise NotARunLog(f"{path} line {lineno}: a record of kind {kind!r} out of place")
     if not log.segments:
         raise NotARunLog(f"{path} has no header record")
     return log

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from model.io import UnsafeFileError, load_file
 from runtime.errors import ConfigError
 
 FORMAT = "esm-speedrun-checkpoint/1"
@@ -112,10 +113,7 @@ def resolve(spec: str, run_dir: Path) -> Path | None:
 def load(path: Path, rank: int, world_size: int) -> tuple[dict, dict]:
     """(common, this rank's state) of a checkpoint directory, checked for format and world size."""
     path = Path(path)
-    try:
-        common = torch.load(path / "common.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"checkpoint {path / 'common.pt'} cannot be read ({type(e).__name__}); delete it or resume from an older step.") from None
+    common = _load(path / "common.pt")
     if not isinstance(common, dict) or common.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an esm-speedrun training checkpoint; use evaluate.py for weight files, or another --resume path.")
     if common["world_size"] != world_size:
@@ -125,7 +123,17 @@ def load(path: Path, rank: int, world_size: int) -> tuple[dict, dict]:
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"checkpoint {path} lacks {rank_file.name}; it is incomplete, resume from an older step.")
-    return common, torch.load(rank_file, map_location="cpu", weights_only=False)
+    return common, _load(rank_file)
+
+
+def _load(file: Path):
+    """A checkpoint file, read without running code from it (model.io.load_file)."""
+    try:
+        return load_file(file)
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+    except ValueError as e:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"checkpoint {file} cannot be read ({e}); delete it or resume from an older step.") from None
 
 
 def check_same_run(common: dict, model_config: dict, identity: dict, path: Path) -> None:

@@ -107,7 +107,9 @@ class RunLog:
         parts = []
         for p in source_files(extra_sources):
             data = p.read_bytes()
-            name = p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
+            # a file from outside the project (--config /elsewhere/x.yaml) by its name alone: a log
+            # names no absolute path, which the leaderboard refuses in an untrusted log
+            name = p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else f"external/{p.name}"
             parts.append(f"{BAR}\nsource: {name} sha256:{hashlib.sha256(data).hexdigest()}\n{BAR}\n"
                          + data.decode("utf-8", "replace").rstrip("\n") + "\n")
         env = "\n".join(f"{k}: {v}" for k, v in environment.items())
