@@ -4,13 +4,12 @@
     torchrun --nproc_per_node=8 train.py --device cuda        # the speedrun on 8 GPUs
 
 config -> backend, data, model, optimizer -> the loop below. Everything device-specific is in
-runtime/backend.py (and runtime/xla.py); the run log, checkpoints and the benchmark live in
-runtime/ too. Options: the keys of config/speedrun.yaml, given as --key value.
+runtime/ (the backends); the run log, checkpoints and the config are in training/, the
+benchmark in evaluation/. Options: the keys of config/speedrun.yaml, given as --key value.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -36,21 +35,28 @@ from training.sinks import make_sink
 
 def train_step(model, batches, optimizer, backend, grad_clip):
     """One optimizer step over the micro-batches of this rank (DESIGN, "The training loss").
-    Returns (summed loss of this rank, global target count, grad norm): device tensors."""
-    n_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # CPU labels: no sync
-    count = backend.all_reduce_sum(torch.tensor(float(n_targets), device=backend.device))
-    # After DDP averages gradients over ranks, this scale leaves sum(CE) / global count.
-    scale = backend.world_size / count.clamp(min=1.0)
+
+    Each micro-batch's backward is of its summed cross-entropy; the optimizer step then scales
+    the gradients by world_size / (global target count), which leaves the gradient of
+    sum(CE over every target of the step) / count after DDP's average. Everything stays on the
+    device (the count too, built from the device labels and all-reduced), so a step that does
+    not log never waits for the device. Returns device tensors: (summed loss of this rank,
+    global target count, real tokens of this rank, pre-clip grad norm, step taken)."""
     loss_sum = torch.zeros((), device=backend.device)
+    count = real = torch.zeros((), dtype=torch.long, device=backend.device)  # exact at any size
     for i, batch in enumerate(batches):
         batch = backend.to_device(batch)
+        count = count + (batch["labels"] != -100).sum()
+        real = real + (batch["doc_ids"] >= 0).sum()
         with backend.no_sync(model, last_micro=i == len(batches) - 1):
             with backend.autocast():
                 _, loss = model(batch["input_ids"], batch["doc_ids"], batch["labels"])
-            (loss * scale).backward()
+            loss.backward()
         loss_sum = loss_sum + loss.detach().float()
-    grad_norm = backend.optimizer_step(model, optimizer, grad_clip)
-    return loss_sum, count, grad_norm
+    count = backend.all_reduce_sum(count)
+    grad_norm, stepped = backend.optimizer_step(model, optimizer, grad_clip,
+                                                scale=backend.world_size / count.clamp(min=1.0))
+    return loss_sum, count, real, grad_norm, stepped
 
 
 class Stop:
@@ -151,15 +157,12 @@ def _run(cfg, backend) -> int:
     peak = backend.peak_flops()
     end = cfg.num_steps if not cfg.steps_this_run else min(cfg.num_steps, state["step"] + cfg.steps_this_run)
 
-    def on_grad_norm(norm):
-        if math.isfinite(norm):
-            state["skipped_in_row"] = 0
-        else:
-            state["skipped"] += 1
-            state["skipped_in_row"] += 1
-            log.message(f"step:{state['step']} skipped: non-finite gradient norm ({norm})", echo=progress.write)
-
-    def on_log(elapsed, loss, real, total, stop_votes, lr, teff, warmup):
+    def on_log(elapsed, loss, real, total, stop_votes, lr, teff, warmup, norm, skipped, in_row):
+        new = int(skipped) - state["skipped"]
+        state["skipped"], state["skipped_in_row"] = int(skipped), int(in_row)
+        if new:  # read here, on logging steps only: the steps between never wait for the device
+            log.message(f"step:{state['step']} skipped: non-finite gradient norm in {new} step(s) since "
+                        f"the last logged step (last norm {norm})", echo=progress.write)
         if warmup:
             state["warmup_time"] += elapsed
             state["warmup_steps"] += 1
@@ -180,33 +183,41 @@ def _run(cfg, backend) -> int:
         sink.log(fields, state["step"])
         progress.update(state["step"], loss)
 
+    # Device-side counters of skipped (non-finite) steps, read on logging steps only.
+    skipped = torch.full((), state["skipped"], dtype=torch.long, device=backend.device)
+    in_row = torch.full((), state["skipped_in_row"], dtype=torch.long, device=backend.device)
+    window_real = torch.zeros((), dtype=torch.long, device=backend.device)
     it = iter(loader)
     backend.sync()
     window["start"] = time.perf_counter()
     first_step = state["step"] + 1  # this process's warm-up step
     while state["step"] < end and not agreed["stop"] and state["skipped_in_row"] < cfg.max_skipped_steps:
         batches = [next(it) for _ in range(cfg.grad_accum)]
-        window["real"] += sum(int((b["doc_ids"] >= 0).sum()) for b in batches)
-        window["all"] += sum(b["doc_ids"].numel() for b in batches)
+        window["all"] += sum(b["doc_ids"].numel() for b in batches)  # shapes only: no read
         apply_schedule(optimizer, state["step"], ocfg, cfg.num_steps)
         lr = max(g["lr"] for g in optimizer.param_groups)  # the largest group's LR, for the log
-        loss_sum, count, grad_norm = train_step(model, batches, optimizer, backend, ocfg.grad_clip)
+        loss_sum, count, real, grad_norm, stepped = train_step(model, batches, optimizer, backend, ocfg.grad_clip)
+        window_real = window_real + real
+        skipped = skipped + (~stepped).long()
+        in_row = torch.where(stepped, 0, in_row + 1)
         state["step"] += 1
-        backend.step_closure(on_grad_norm, grad_norm)
         step = state["step"]
         evaluating = step == cfg.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-        # never save over good checkpoints while steps are being skipped
-        saving = cfg.save_every and step % cfg.save_every == 0 and not state["skipped_in_row"]
+        on_save_step = cfg.save_every and step % cfg.save_every == 0
         warmup = step == first_step
-        if step % cfg.log_every == 0 or step == end or evaluating or saving or warmup:
-            totals = backend.all_reduce_sum(torch.tensor([window["real"], window["all"], int(stop.requested)],
-                                                         dtype=torch.long, device=backend.device))
+        if step % cfg.log_every == 0 or step == end or evaluating or on_save_step or warmup:
+            votes = torch.full((), int(stop.requested), dtype=torch.long, device=backend.device)
+            totals = backend.all_reduce_sum(torch.stack([window_real, votes]))
             loss = backend.all_reduce_sum(loss_sum) / count
             backend.sync()  # the window's wall time is measured here, on the host, not in the closure
             elapsed = time.perf_counter() - window["start"]
-            backend.step_closure(on_log, elapsed, loss, totals[0], totals[1], totals[2], lr,
-                                 sum(t_eff(b["doc_ids"]) for b in batches) / len(batches), warmup)
-            window.update(real=0, all=0)
+            backend.step_closure(on_log, elapsed, loss, totals[0], window["all"] * backend.world_size, totals[1],
+                                 lr, sum(t_eff(b["doc_ids"]) for b in batches) / len(batches), warmup,
+                                 grad_norm, skipped, in_row)
+            window.update(all=0)
+            window_real = torch.zeros((), dtype=torch.long, device=backend.device)
+            # never save over good checkpoints while steps are being skipped
+            saving = on_save_step and not state["skipped_in_row"]
             if evaluating and step < cfg.num_steps:
                 run_eval("valid", cfg.eval_max_batches)
             if saving or (agreed["stop"] and step < cfg.num_steps) or (step == end and step < cfg.num_steps):

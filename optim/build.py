@@ -29,6 +29,18 @@ class CombinedOptimizer:
     def state(self) -> dict:
         return {p: s for part in self.parts.values() for p, s in part.state.items()}
 
+    @property
+    def found_inf(self):
+        return getattr(self, "_found_inf", None)
+
+    @found_inf.setter
+    def found_inf(self, value) -> None:
+        """A device tensor, 1.0 to skip the next step (non-finite gradients): every part skips it
+        on the device, as torch's fused optimizers do with GradScaler's found_inf."""
+        self._found_inf = value
+        for part in self.parts.values():
+            part.found_inf = value
+
     def step(self, closure=None):
         first, *rest = self.parts.values()
         loss = first.step(closure)  # the closure (if any) runs once, in the first part
@@ -50,11 +62,28 @@ class CombinedOptimizer:
                 f"{sorted(self.parts)}; resume with the optim config the checkpoint was saved with"
             )
         for name, part in self.parts.items():
+            fused = [g.get("fused") for g in part.param_groups]
             part.load_state_dict(state_dict[name])
+            _keep_fused(part, fused)
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g['name']}:{g['optimizer']}" for g in self.param_groups)
         return f"CombinedOptimizer({groups})"
+
+
+def _keep_fused(part: torch.optim.Optimizer, fused: list) -> None:
+    """torch's load_state_dict brings back the saved groups' `fused` flag, but whether AdamW is
+    fused is this device's choice (the backend's found_inf needs it), not state of the run: a
+    checkpoint from XLA or from before, resumed here, keeps this optimizer's flag, with its step
+    counters where a fused step wants them (on the parameter's device, float32)."""
+    for group, flag in zip(part.param_groups, fused):
+        if "fused" not in group or group["fused"] == flag:
+            continue
+        group["fused"] = flag
+        for p in group["params"]:
+            state = part.state.get(p, {})
+            if flag and isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def build_optimizer(

@@ -87,6 +87,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.distributed = distributed
         self.ns_dtype = ns_dtype
+        self._ok = None  # this step's found_inf == 0 (step)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -107,6 +108,10 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rank, world = self._world()
+        # found_inf (set by the trainer, as for torch's fused optimizers): 1.0 skips this step on
+        # the device: momentum and weights keep their values, with no host read to decide it.
+        found_inf = getattr(self, "found_inf", None)
+        self._ok = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
             self._step_group(group, rank, world)
         return loss
@@ -137,9 +142,14 @@ class Muon(torch.optim.Optimizer):
         rows, cols = _as_matrix(p).shape  # the whole matrix's shape sets the scale
         scale = max(1.0, rows / cols) ** 0.5
         target = p.to_local() if isinstance(p, DTensor) else p  # a view: updates p in place
+        update = update.view_as(target).to(target.dtype)
+        decay = group["lr"] * group["weight_decay"]
+        if self._ok is not None:  # a skipped step: no decay, and a zero update (it may be NaN)
+            update = torch.where(self._ok, update, 0)
+            decay = decay * self._ok.to(target.dtype)
         if group["weight_decay"]:
-            target.mul_(1 - group["lr"] * group["weight_decay"])
-        target.add_(update.view_as(target).to(target.dtype), alpha=-group["lr"] * scale)
+            target.mul_(1 - decay)
+        target.add_(update, alpha=-group["lr"] * scale)
 
     def _step_group(self, group: dict, rank: int, world: int) -> None:
         # Under DDP every rank sees the same set of gradients, so this list agrees across ranks.
@@ -148,7 +158,11 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
-            state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            buf, grad = _local(state["momentum_buffer"]), _local(p.grad)  # elementwise: local is whole
+            if self._ok is None:
+                buf.lerp_(grad, 1 - group["momentum"])
+            else:
+                buf.copy_(torch.where(self._ok, buf.lerp(grad, 1 - group["momentum"]), buf))
 
         sharded = [p for p in params if isinstance(p, DTensor)]
         if world > 1 and sharded and all(_row_sharded(p, world) for p in params):
@@ -212,6 +226,11 @@ class Muon(torch.optim.Optimizer):
         work.wait()
         for update, p in zip(gathered.view(-1, chunk[0].numel()), chunk):
             self._apply(p, update, group)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view that updates it in place); a tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _chunks(params: list[torch.Tensor], world: int) -> list[list[torch.Tensor]]:

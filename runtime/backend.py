@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import math
 import os
 import resource
 import sys
@@ -29,7 +28,9 @@ class Backend:
 
     name = "cpu"
     dist_backend = "gloo"
-    fused_adamw = False  # AdamW(fused=True) where the device has the kernel
+    # AdamW(fused=True): one kernel, and it honours found_inf, which skips a non-finite step on
+    # the device (the CPU has the kernel too, so the CPU runs the CUDA path's optimizer step)
+    fused_adamw = True
     static_shapes = False  # True where every new input shape compiles a new graph (XLA)
     # Muon's Newton-Schulz dtype: fp32 on the CPU, where bf16 matmuls (no bf16 units on most
     # CPUs) measured 18-22x slower (python -m speed.newton_schulz); accelerators override with bf16.
@@ -176,20 +177,21 @@ class Backend:
         """Waits for queued device work; called at timing-window edges only."""
 
     # -- the optimizer step ----------------------------------------------------------------
-    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None) -> torch.Tensor:
-        """Clips to grad_clip (None = no clipping) and steps, unless the gradient norm is not
-        finite: then the update is skipped. Returns the pre-clip global gradient norm; the
-        caller counts skipped steps from it."""
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
-        norm = _full(norm)  # FSDP2: a replicated DTensor
-        if self._finite(norm):
-            optimizer.step()
+    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None,
+                       scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales the gradients by `scale` (train.py: world_size / global target count), clips
+        them to grad_clip (None = no clipping) and steps, unless their norm is not finite: then
+        the update is skipped on the device (found_inf, as fused AdamW and Muon honour it), so
+        the host never waits here. Returns (pre-clip global gradient norm, step taken): device
+        tensors the caller reads only when it logs."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = scale_and_clip(grads, grad_clip, scale)
+        norm = _full(norm)
+        stepped = torch.isfinite(norm)
+        optimizer.found_inf = (~stepped).float()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def _finite(self, norm: torch.Tensor) -> bool:
-        return bool(torch.isfinite(norm))  # a host read; fine on CPU and CUDA
+        return norm, stepped
 
     # -- checkpoints ---------------------------------------------------------------------
     def model_state_dict(self, model: nn.Module) -> dict:
@@ -281,6 +283,31 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks: the children of the model's largest ModuleList."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
+
+
+def scale_and_clip(grads: list[torch.Tensor], grad_clip: float | None, scale, foreach: bool = True):
+    """Multiplies the gradients by `scale`, then clips them to norm grad_clip (None: no clip),
+    in one pass over them (none at all when there is nothing to do). Returns the norm of the
+    scaled gradients, before clipping, as a device tensor (FSDP2: a replicated DTensor)."""
+    total = nn.utils.get_total_norm(grads, foreach=foreach)
+    scale = _like(total, scale)
+    norm = total * scale
+    factor = scale if not grad_clip else scale * (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+    if not (isinstance(factor, float) and factor == 1.0):
+        if foreach:
+            torch._foreach_mul_(grads, factor)
+        else:
+            for g in grads:
+                g.mul_(factor)
+    return norm
+
+
+def _like(ref, value):
+    """`value` (a tensor or a number) in the form of `ref`: under FSDP2 the norm is a replicated
+    DTensor, and the sharded gradients can only be multiplied by one of those."""
+    if isinstance(ref, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+        return DTensor.from_local(value, ref.device_mesh, ref.placements, run_check=False)
+    return value
 
 
 def _full(t):

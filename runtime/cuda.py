@@ -13,7 +13,6 @@ class CUDABackend(Backend):
 
     name = "cuda"
     dist_backend = "nccl"
-    fused_adamw = True
     compile_default = True
     flex_backward = True
     muon_dtype = torch.bfloat16

@@ -35,15 +35,15 @@ train.py never asks which device it runs on:
 from __future__ import annotations
 
 import contextlib
-import math
+import datetime
 import os
-import pickle
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.backend import Backend, _host
+from runtime.backend import Backend, scale_and_clip
+from runtime.backend import _host as _base_host
 from runtime.errors import ConfigError
 
 # "bf16" is what the shared config calls bf16_autocast; "bf16_sr" is XLA-only.
@@ -53,6 +53,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "bf16_sr")
 # figure the Neuron BERT sample uses for MFU; fp32 is a quarter of it (47.5 TFLOPS per chip).
 NC_V2_PEAK_BF16 = 95e12
 NC_V2_PEAK_FP32 = 23.75e12
+
+# Gradients are all-reduced in buckets of this many bytes (see _all_reduce_bucketed).
+ALLREDUCE_BUCKET_BYTES = 50 * 2**20
+
+
+def extracting_graphs() -> bool:
+    """neuron_parallel_compile's trial run (NEURON_EXTRACT_GRAPHS_ONLY): Neuron saves every
+    graph for compilation and runs an empty stub in its place, so every value read back is 0.
+    The CPU runtime returns the same zeros in this mode (_host), so CI can run it too."""
+    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY", "") not in ("", "0")
 
 
 def runtime_env(precision: str, cc_flags: str = "") -> dict[str, str]:
@@ -84,6 +94,7 @@ class XLABackend(Backend):
     name = "xla"
     dist_backend = "xla"
     static_shapes = True
+    fused_adamw = False  # no fused AdamW kernel here; a non-finite step is undone with torch.where
     muon_dtype = torch.bfloat16  # Trainium's matmul units are bf16
 
     def __init__(self, cfg=None):
@@ -113,12 +124,16 @@ class XLABackend(Backend):
         self.dtype = torch.bfloat16 if self.precision == "bf16" else None  # autocast dtype
         self.device = torch.device("xla")  # the default device until init_distributed
         self._pg = False
+        self._host_group = None  # gloo, for host objects (init_distributed)
         self._waited = False  # sync() was called since the last step or batch: a timing edge
+        # Host code that cannot work on all-zero values skips itself (evaluation's metrics).
+        self.graphs_only = extracting_graphs()
 
     # ------------------------------------------------------------------ setup
 
     def init_distributed(self) -> None:
-        """Under torchrun: the `xla` process group, rank and world size from the PJRT runtime."""
+        """Under torchrun: the `xla` process group for device tensors, a gloo group over the
+        same ranks for host objects, rank and world size from the PJRT runtime."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and not dist.is_initialized():
             import torch_xla.distributed.xla_backend  # noqa: F401  registers the 'xla' backend
@@ -134,6 +149,8 @@ class XLABackend(Backend):
                 f"torchrun started {launched} processes but the XLA runtime sees {self.world_size} "
                 f"(PJRT_DEVICE={os.environ.get('PJRT_DEVICE', 'unset')}); on the CPU runtime run one "
                 "process, or use --device cpu for multi-process runs.")
+        if self._pg:
+            self._host_group = host_group()
         self.device = self._xla.device()
 
     def model_defaults(self) -> dict:
@@ -166,15 +183,16 @@ class XLABackend(Backend):
         self._waited = False
         return self._xm.send_cpu_data_to_device(batch, self.device)
 
-    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None) -> torch.Tensor:
-        """All-reduce SUM x 1/world, clip, step; a non-finite step is undone on the device.
-        Ends the step's graph. Returns the pre-clip global gradient norm (a device tensor)."""
+    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None,
+                       scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-reduce SUM x 1/world, scale and clip, step; a non-finite step is undone on the
+        device. Ends the step's graph. Returns (pre-clip global gradient norm, step taken)."""
         params = [p for p in model.parameters() if p.grad is not None]
         if self.world_size > 1:
             # SUM then scale: the xla process group rejects AVG.
             self._xm.all_reduce(self._xm.REDUCE_SUM, [p.grad for p in params], scale=1.0 / self.world_size)
-        # torch-xla patches clip_grad_norm_ with a sync-free version that refuses foreach=True.
-        norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+        # foreach=False: torch-xla's clipping refuses the foreach kernels
+        norm = scale_and_clip([p.grad for p in params], grad_clip, scale, foreach=False)
         ok = torch.isfinite(norm)
         before = _snapshot(optimizer, params)
         optimizer.step()
@@ -182,7 +200,7 @@ class XLABackend(Backend):
         optimizer.zero_grad(set_to_none=True)
         self._xla.sync()
         self._waited = False
-        return norm
+        return norm, ok
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device)
@@ -193,12 +211,12 @@ class XLABackend(Backend):
     # ------------------------------------------------------------------ host side
 
     def broadcast_object(self, obj):
-        """Rank 0's value of a small picklable object, on every rank (a runtime rendezvous:
-        the xla process group only moves device tensors)."""
+        """Rank 0's value of a small picklable object, on every rank, over the host group."""
         if self.world_size == 1:
             return obj
-        payloads = self._xm.rendezvous("esm-speedrun.broadcast", pickle.dumps(obj))
-        return pickle.loads(payloads[0])
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._host_group)
+        return box[0]
 
     def step_closure(self, fn, *args) -> None:
         """Runs fn(*host values) once `args` are computed, without a host sync inside the step.
@@ -217,6 +235,8 @@ class XLABackend(Backend):
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         self._xla.sync()  # everything pending in one graph, not a new graph per read
+        if self.graphs_only:
+            return torch.zeros(t.shape, dtype=t.dtype)
         return t.detach().cpu()
 
     def sync(self) -> None:
@@ -230,8 +250,9 @@ class XLABackend(Backend):
         self._xm.wait_device_ops()
 
     def barrier(self) -> None:
+        """Every rank meets, over the host group (no device work: see host_group)."""
         if self.world_size > 1:
-            self._xm.rendezvous("esm-speedrun.barrier")
+            dist.barrier(group=self._host_group)
 
     def shutdown(self) -> None:
         """Flush, meet every rank (avoids exit hangs), close the process group."""
@@ -291,6 +312,45 @@ class XLABackend(Backend):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def host_group():
+    """A gloo group over the ranks of the xla one, for host objects (the run name, barriers).
+
+    xm.rendezvous would move them as device tensors: it runs graphs, which read back zeros
+    in neuron_parallel_compile's trial run (so the payloads arrive empty), and a rank waiting
+    there, e.g. while rank 0 downloads the data, waits inside a device execution, which the
+    Neuron runtime times out (NEURON_RT_EXEC_TIMEOUT). Over gloo a wait is a host wait, with
+    the same 30-minute limit as the other backends.
+    """
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+
+
+def _host(value):
+    """A device value on the host, as runtime.backend._host gives it (the step closures' reads);
+    zeros while only extracting graphs, as Neuron returns them then."""
+    if isinstance(value, torch.Tensor) and extracting_graphs():
+        value = torch.zeros(value.shape, dtype=value.dtype)
+    return _base_host(value)
+
+
+def _all_reduce_bucketed(xm, grads: list[torch.Tensor], world_size: int,
+                         bucket_bytes: int = ALLREDUCE_BUCKET_BYTES) -> None:
+    """All-reduce SUM x 1/world of `grads`, in place, one all-reduce per bucket of at most
+    `bucket_bytes` (a larger gradient goes alone), last parameters first as backward makes
+    them: what xm.reduce_gradients does with ALLREDUCE_GRADIENTS_BUCKET_SIZE_MB. One
+    all-reduce of every gradient would be a single ~0.5 GB transfer for the 133M model that
+    nothing else can overlap; buckets let each go as soon as its gradients are ready."""
+    bucket, size = [], 0
+    for g in reversed(grads):
+        nbytes = g.numel() * g.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            xm.all_reduce(xm.REDUCE_SUM, bucket, scale=1.0 / world_size)
+            bucket, size = [], 0
+        bucket.append(g)
+        size += nbytes
+    if bucket:
+        xm.all_reduce(xm.REDUCE_SUM, bucket, scale=1.0 / world_size)
 
 
 def _shared_parameters(model: torch.nn.Module) -> list[list[tuple[torch.nn.Module, str]]]:

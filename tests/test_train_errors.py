@@ -60,12 +60,12 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data, monkeyp
     real_step = Backend.optimizer_step
     calls, snapshots = [], []
 
-    def poisoned(self, model, optimizer, grad_clip):
+    def poisoned(self, model, optimizer, grad_clip, scale=1.0):
         calls.append(1)
         if len(calls) >= 5:
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
             snapshots.append([p.detach().clone() for p in model.parameters()])
-        return real_step(self, model, optimizer, grad_clip)
+        return real_step(self, model, optimizer, grad_clip, scale)
 
     monkeypatch.setattr(Backend, "optimizer_step", poisoned)
     monkeypatch.setattr(train, "Stop", lambda: type("NoSignals", (), {"requested": False})())

@@ -100,10 +100,12 @@ def test_a_non_finite_step_is_undone_on_the_device_without_a_new_graph():
 
     def step(scale: float):
         batch = b.to_device(tiny_batch())
-        s = torch.tensor(scale, device=b.device)  # as train.py: the loss scale is a device tensor
+        s = torch.tensor(scale, device=b.device)  # as train.py: the gradient scale is a device tensor
         _, loss = model(batch["input_ids"], batch["doc_ids"], batch["labels"])
-        (loss * s).backward()
-        return b.optimizer_step(model, opt, 1.0)
+        loss.backward()
+        norm, stepped = b.optimizer_step(model, opt, 1.0, scale=s)
+        assert bool(b.to_host(stepped)) == bool(torch.isfinite(b.to_host(norm)))
+        return norm
 
     def snapshot():
         params = [b.to_host(p).clone() for p in model.parameters()]

@@ -55,7 +55,8 @@ def train(backend, out: str, grad_accum: int, optimizer_name: str) -> None:
     # eps 1e-8 (the ESM2 recipe): with the speedrun eps of 1e-10 Adam turns round-off-sized
     # gradients (~1e-12) into lr-sized updates, which no cross-process comparison survives.
     ocfg = OptimConfig(name=optimizer_name, warmup_steps=1, grad_clip=1.0, eps=1e-8)
-    opt = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1, ns_dtype=backend.muon_dtype)
+    opt = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1,
+                          fused=backend.fused_adamw, ns_dtype=backend.muon_dtype)
     per_rank = ROWS // backend.world_size
     rows = per_rank // grad_accum
     losses = []
@@ -63,7 +64,7 @@ def train(backend, out: str, grad_accum: int, optimizer_name: str) -> None:
         mine = {k: v[backend.rank * per_rank:(backend.rank + 1) * per_rank] for k, v in global_batch(step).items()}
         micro = [{k: v[i * rows:(i + 1) * rows] for k, v in mine.items()} for i in range(grad_accum)]
         apply_schedule(opt, step, ocfg, STEPS)
-        loss_sum, count, _ = train_step(model, micro, opt, backend, ocfg.grad_clip)
+        loss_sum, count, *_ = train_step(model, micro, opt, backend, ocfg.grad_clip)
         losses.append(float(backend.all_reduce_sum(loss_sum) / count))
     weights = backend.model_state_dict(model)  # collective under FSDP2: every rank calls it
     if backend.is_main:
