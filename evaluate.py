@@ -87,7 +87,8 @@ def _run(args) -> int:
                                   "pass a dataset with a train split.")
             model, name = Unigram(files.train), f"unigram of {data}/train"
         elif args.checkpoint:
-            model, name = load_checkpoint_model(args.checkpoint), args.checkpoint
+            attention = backend.model_defaults().get("attn_impl", "sdpa")
+            model, name = load_checkpoint_model(args.checkpoint, attention), args.checkpoint
         else:
             model, name = load_hf_model(args.hf), f"hf:{args.hf}"
         model = model.to(backend.device)

@@ -76,10 +76,13 @@ class Stop:
 def run(cfg) -> int:
     backend = get_backend(cfg.device, cfg)
     backend.init_distributed()
+    failed = True
     try:
-        return _run(cfg, backend)
+        rc = _run(cfg, backend)
+        failed = False
+        return rc
     finally:
-        backend.shutdown()
+        backend.shutdown(failed=failed)
 
 
 def _run(cfg, backend) -> int:
@@ -119,7 +122,8 @@ def _run(cfg, backend) -> int:
         common, mine = checkpoint.load(resume_from, backend.rank, backend.world_size)
         checkpoint.check_same_run(common, asdict(mcfg), cfg.identity(), resume_from)
         backend.load_model_state(model, common["model"])
-        backend.load_optimizer_state(model, optimizer, mine["optimizer"])
+        # in the rank's file when it was its own (FSDP2, or a checkpoint written before)
+        backend.load_optimizer_state(model, optimizer, mine.get("optimizer", common.get("optimizer")))
         loader.load_state_dict(mine["loader"])
         backend.set_rng_state(mine["rng"])
         state.update(common["state"])
@@ -138,8 +142,10 @@ def _run(cfg, backend) -> int:
     def save():
         common = {"model": backend.model_state_dict(model), "model_config": asdict(mcfg),
                   "identity": cfg.identity(), "config": config_dict, "state": dict(state)}
-        mine = {"optimizer": backend.optimizer_state_dict(model, optimizer),
-                "loader": loader.state_dict(), "rng": backend.rng_state()}
+        mine = {"loader": loader.state_dict(), "rng": backend.rng_state()}
+        # replicated state goes once into common.pt (rank 0 writes it), a rank's own into its file
+        (common if backend.replicated_optimizer_state else mine)["optimizer"] = \
+            backend.optimizer_state_dict(model, optimizer)
         path = checkpoint.save(run_dir, state["step"], common, mine, backend, cfg.keep_checkpoints)
         log.message(f"checkpoint:{path}")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -53,8 +54,10 @@ class HFMaskedLM(nn.Module):
         return logits, loss
 
 
-def load_checkpoint_model(path: str) -> nn.Module:
-    """Our model from a weights file or a training checkpoint (step or run directory)."""
+def load_checkpoint_model(path: str, device_attention: str = "sdpa") -> nn.Module:
+    """Our model from a weights file or a training checkpoint (step or run directory). A model
+    trained with flex attention (compiled, on a GPU) runs with `device_attention`, the one the
+    evaluating device picks, when that is not flex: the weights do not depend on it."""
     from model import build_model
     from model.io import load_state_dict_checked, load_weights
 
@@ -62,6 +65,8 @@ def load_checkpoint_model(path: str) -> nn.Module:
         cfg, state = load_weights(weights_file(path))
     except ValueError as e:  # CheckpointError is one too
         raise ConfigError(f"--checkpoint {e}") from None
+    if cfg.attn_impl == "flex" and device_attention != "flex":
+        cfg = dataclasses.replace(cfg, attn_impl=device_attention)
     model = build_model(cfg)
     load_state_dict_checked(model, state)
     return model

@@ -72,11 +72,15 @@ class Backend:
         if self.world_size > 1:
             dist.barrier()
 
-    def shutdown(self) -> None:
+    def shutdown(self, failed: bool = False) -> None:
+        """Leaves the process group. After a clean run the ranks meet first: a rank destroying
+        its group while another still has collectives (or DDP's reducer) in flight can hang at
+        exit over gloo. After a failure there is no meeting (the healthy ranks wait in another
+        collective; a barrier would hang until the 30-minute timeout): the group is torn down at
+        once, the process exits non-zero, and torchrun ends the others."""
         if dist.is_initialized():
-            # Tear down together: a rank destroying its group while another still has
-            # collectives (or DDP's reducer) in flight can hang at exit over gloo.
-            dist.barrier()
+            if not failed:
+                dist.barrier()
             dist.destroy_process_group()
 
     # -- model ------------------------------------------------------------------------
@@ -95,14 +99,20 @@ class Backend:
         The same code runs on the CPU over gloo, which is how CI tests the CUDA path's logic."""
         model = model.to(self.device)
         if self.sharded:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import fully_shard
 
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype else None
-            kwargs = {"mp_policy": mp} if mp else {}
+            # fp32 parameters, as under DDP, with the same autocast around the forward: bf16
+            # parameter gathering (MixedPrecisionPolicy) would also make the residual stream
+            # bf16, which DDP + autocast keeps in fp32, so the two would train different numerics.
             for block in _blocks(model):  # shard block by block so all-gathers overlap compute
-                fully_shard(block, **kwargs)
-            fully_shard(model, **kwargs)
-        if self.compile:
+                fully_shard(block)
+            fully_shard(model)
+            if self.compile:
+                # FSDP2's hooks break the graph at every block, so compiling the root would leave
+                # the blocks eager: compile each sharded block in place instead.
+                for block in _blocks(model):
+                    block.compile()
+        elif self.compile:
             model = torch.compile(model)
         if self.world_size > 1 and not self.sharded:
             model = nn.parallel.DistributedDataParallel(model, **self.ddp_options())
@@ -149,7 +159,8 @@ class Backend:
     def no_sync(self, model: nn.Module, last_micro: bool):
         """Gradient accumulation: reduce gradients across ranks only on the last micro-batch."""
         if self.sharded:
-            self.unwrap(model).set_requires_gradient_sync(last_micro)
+            # FSDP2 reduce-scatters after every micro-batch (overlapped with the backward):
+            # skipping it would keep a whole unsharded fp32 gradient per rank until the last one.
             return contextlib.nullcontext()
         if last_micro or not hasattr(model, "no_sync"):
             return contextlib.nullcontext()
@@ -194,9 +205,16 @@ class Backend:
         return norm, stepped
 
     # -- checkpoints ---------------------------------------------------------------------
+    @property
+    def replicated_optimizer_state(self) -> bool:
+        """Every rank holds the same optimizer state (DDP: AdamW's and Muon's momenta are
+        updated alike everywhere), so a checkpoint writes it once; under FSDP2 each rank's
+        shards are its own."""
+        return not self.sharded
+
     def model_state_dict(self, model: nn.Module) -> dict:
-        """The full model state on the CPU (every rank calls it: under FSDP2 it is a gather;
-        rank 0 writes it)."""
+        """The full model state on the CPU for rank 0, which writes it ({} elsewhere). Every rank
+        calls it: under FSDP2 it is a gather."""
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -204,6 +222,8 @@ class Backend:
             )
 
             return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:  # the same weights as rank 0's: no host copy
+            return {}
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
 
     def load_model_state(self, model: nn.Module, state: dict) -> None:

@@ -89,8 +89,8 @@ def test_train_py_with_fsdp2_follows_ddp_and_resumes_identically(tmp_path):
 
 
 def test_fsdp2_with_bf16_mixed_precision_stays_on_the_fp32_curve(tmp_path):
-    """The CUDA presets' combination, bf16 autocast plus FSDP2's bf16 parameter gathering with
-    fp32 gradient reduction, run on the CPU: close to the fp32 curve, not equal to it."""
+    """The CUDA presets' combination, bf16 autocast over FSDP2's fp32 parameters (the numerics
+    of DDP + autocast), run on the CPU: close to the fp32 curve, not equal to it."""
     data = write_tiny_shards(tmp_path / "data")
     args = ("--num_steps", "6", "--fsdp", "true")
     _, fp32 = run_train(tmp_path, data, "fp32", *args, launcher=TWO_RANKS)
