@@ -7,7 +7,11 @@
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv git \
+# torch.compile (on by default on CUDA) has Triton build a small C launcher against Python.h at
+# the first kernel, and a runtime base image has no C compiler: build-essential (gcc and the C
+# library headers) and python3-dev (Python.h of the python3 the venv below is made from).
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev \
+    build-essential git \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -4,7 +4,7 @@
 #   sample     setup, then train the sample model on the shipped sample (CPU, ~10 min)
 #   test       setup both environments and run the whole test suite (CPU lane + XLA lane)
 #   test-cpu   the CPU lane only;  test-xla  the XLA lane only (torch-xla, PJRT_DEVICE=CPU)
-#   test-cuda  the CUDA lane, on a GPU machine (skipped elsewhere)
+#   test-cuda  the CUDA lane, on a GPU machine (.venv-cuda: CUDA torch; fails where no GPU is visible)
 #   cpu        train.py on the CPU (default config: sample)
 #   cuda       train.py on every local GPU with torchrun (default config: speedrun)
 #   h100x8     the 8xH100 speedrun
@@ -14,14 +14,13 @@ cd "$(dirname "$0")"
 preset="${1:-}"; shift || true
 PY=${PYTHON:-python3}
 
-setup_cpu() {
-  if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+setup_venv() {  # setup_venv DIR REQUIREMENTS: create the venv once, then install what is missing
+  if [ ! -x "$1/bin/python" ]; then "$PY" -m venv "$1"; fi
+  "$1/bin/python" -m pip install -q --disable-pip-version-check -r "$2"
 }
-setup_xla() {
-  if [ ! -x .venv-xla/bin/python ]; then "$PY" -m venv .venv-xla; fi
-  .venv-xla/bin/python -m pip install -q --disable-pip-version-check -r requirements-xla.txt
-}
+setup_cpu() { setup_venv .venv requirements-dev.txt; }
+setup_xla() { setup_venv .venv-xla requirements-xla.txt; }
+setup_cuda() { setup_venv .venv-cuda requirements-cuda.txt; }  # a CUDA build of torch, not the CPU lane's
 test_cpu() { setup_cpu; .venv/bin/python -m pytest -m "not xla" "$@"; }
 test_xla() { setup_xla; PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla "$@"; }
 
@@ -65,7 +64,8 @@ case "$preset" in
   test) test_cpu "$@"; test_xla "$@" ;;
   test-cpu) test_cpu "$@" ;;
   test-xla) test_xla "$@" ;;
-  test-cuda) setup_cpu; .venv/bin/python -m pytest -m cuda "$@" ;;
+  # The CUDA lane stops with one sentence unless its torch is a CUDA build that sees a GPU.
+  test-cuda) setup_cuda; .venv-cuda/bin/python tests/require_gpu.py; .venv-cuda/bin/python -m pytest -m cuda "$@" ;;
   cpu) setup_cpu; exec .venv/bin/python train.py --config config/sample.yaml --device cpu "$@" ;;
   # Every local GPU (NPROC to choose); several nodes: NNODES, NODE_RANK, MASTER_ADDR on each node.
   cuda)
@@ -80,11 +80,20 @@ case "$preset" in
   # trn1.32xlarge: 32 NeuronCores per node (1, 2, 8 or 32 workers are supported); EFA between nodes.
   trn1-32) trn1_env; accum=$(trn1_32_accum); trn1_torchrun 32 --grad_accum "$accum" "$@" ;;
   # Pre-compile every graph of TARGET (trn1 | trn1-32) with neuron_parallel_compile: the same
-  # shapes and flags, a few steps (outputs are garbage during extraction), one short evaluation.
+  # shapes and flags, a few steps (every value reads 0 during extraction), one short evaluation.
+  # Several nodes: run it on every node with the NNODES, NODE_RANK and MASTER_ADDR of the real
+  # run (the graphs hold the collectives of the whole world; each node fills its own cache).
   trn1-compile)
     trn1_env
     target=${TARGET:-trn1}; nproc=2; accum_flags=()
-    if [ "$target" = trn1-32 ]; then nproc=32; accum_flags=(--grad_accum "$(trn1_32_accum)"); fi
+    case "$target" in
+      trn1) # 32 GiB of host memory for all the parallel compiles: retry a failed one once (Neuron's advice)
+        export NEURON_PARALLEL_COMPILE_MAX_RETRIES=${NEURON_PARALLEL_COMPILE_MAX_RETRIES:-1} ;;
+      trn1-32) nproc=32; accum_flags=(--grad_accum "$(trn1_32_accum)") ;;
+      *) echo "run.sh: TARGET=$target is not a Trainium preset; use TARGET=trn1 or TARGET=trn1-32" >&2; exit 2 ;;
+    esac
+    # train.py copes with the zeros; should it still fail after tracing, compile what it traced.
+    export NEURON_IGNORE_TRAINING_SCRIPT_ERROR_AND_COMPILE=1
     TRN1_LAUNCHER=neuron_parallel_compile trn1_torchrun "$nproc" "${accum_flags[@]}" --steps_this_run 10 --eval_every 5 --eval_max_batches 2 \
       --max_skipped_steps 1000 --log_dir logs/neuron-compile --checkpoint_dir checkpoints/neuron-compile \
       --log_name "compile-$target-$(date +%Y%m%d-%H%M%S)" "$@" ;;

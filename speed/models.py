@@ -237,6 +237,60 @@ def infer_calls(backend, impl, model, step: Step) -> list[float]:
     return seconds
 
 
+def timed_step(backend, impl, model, optimizer, step: Step) -> tuple[float, float, list[float]]:
+    """Wall and CPU seconds of one step (device synced at both edges) and its latencies: the
+    optimizer step in train, each forward call otherwise."""
+    backend.sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if optimizer is not None:
+        train_step(backend, impl, model, optimizer, step)
+        backend.sync()
+        calls = [time.perf_counter() - t0]
+    else:
+        calls = infer_calls(backend, impl, model, step)
+    return time.perf_counter() - t0, time.process_time() - c0, calls
+
+
+class CompiledCalls:
+    """What torch.compile did while entered. Dynamo reports every guard check of a compiled
+    frame: a hit runs a compiled graph; a miss either compiles a new graph or, once the frame
+    has passed dynamo's recompile limit (or dynamo gave up on it), runs eagerly. Inert for a
+    model that is not compiled (graphs stays None)."""
+
+    def __init__(self, model):
+        self.asked = hasattr(model, "_orig_mod")
+        self.hits = self.misses = 0
+        self.graphs = None  # graphs dynamo compiled meanwhile
+
+    def _hook(self, hit: bool) -> bool:
+        hit = self._previous(hit) if self._previous else hit
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        return hit
+
+    def __enter__(self):
+        if self.asked:
+            from torch._C._dynamo.eval_frame import set_guard_complete_hook
+            from torch._dynamo.utils import counters
+
+            self._set_hook, self._stats = set_guard_complete_hook, counters["stats"]
+            self._graphs0 = self._stats["unique_graphs"]
+            self._previous = self._set_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self.asked:
+            self._set_hook(self._previous)
+            self.graphs = self._stats["unique_graphs"] - self._graphs0
+
+    @property
+    def ran_compiled(self) -> bool:
+        """Every call ran a compiled graph: something hit or compiled, and every miss compiled."""
+        return self.asked and self.hits + self.graphs > 0 and self.misses <= self.graphs
+
+
 def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -266,25 +320,17 @@ def measure(backend, impl, model, cfg, mode: str, batch: int, seq_len: int, args
         model.eval()
     gc.collect()
     backend.reset_peak_memory()
-    walls, cpus, latencies, compiles0 = [], [], [], None
-    for i, step in enumerate(steps):
-        if i == args.warmup:
-            compiles0 = backend.compile_count()
-        backend.sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        if mode == "train":
-            train_step(backend, impl, model, optimizer, step)
-            backend.sync()
-            calls = [time.perf_counter() - t0]
-        else:
-            calls = infer_calls(backend, impl, model, step)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if i >= args.warmup:
+    timed = steps[args.warmup:]
+    for step in steps[:args.warmup]:
+        timed_step(backend, impl, model, optimizer, step)
+    compiles0 = backend.compile_count()
+    with CompiledCalls(model) as dynamo:
+        walls, cpus, latencies = [], [], []
+        for step in timed:
+            wall, cpu, calls = timed_step(backend, impl, model, optimizer, step)
             walls.append(wall)
             cpus.append(cpu)
             latencies += calls
-    compiles = None if compiles0 is None else backend.compile_count() - compiles0
-    timed = steps[args.warmup:]
     per_step = [_sum_counts(s) for s in timed]
 
     def rate(key, seconds):
@@ -294,6 +340,7 @@ def measure(backend, impl, model, cfg, mode: str, batch: int, seq_len: int, args
     total = {k: sum(c[k] for c in per_step) for k in per_step[0]}
     peak = backend.peak_flops()
     row = dict(
+        compiled=dynamo.ran_compiled,
         residues_per_s=rate("residues", walls), tokens_per_s=tokens_per_s,
         positions_per_s=rate("positions", walls), seqs_per_s=rate("seqs", walls),
         residues_per_cpu_s=rate("residues", cpus) if min(cpus) > 0 else None,
@@ -301,7 +348,7 @@ def measure(backend, impl, model, cfg, mode: str, batch: int, seq_len: int, args
         seqs_per_call=total["seqs"] / sum(len(s.calls) for s in timed),
         mem_gib=backend.memory_stats()["mem"],
         ms_p50=1e3 * percentile(latencies, 50), ms_p99=1e3 * percentile(latencies, 99),
-        compiles=compiles,
+        compiles=dynamo.graphs if compiles0 is None else backend.compile_count() - compiles0,
     )
     if mode == "train":
         t_eff = float(np.mean([s.t_eff for s in timed]))
@@ -441,20 +488,28 @@ def benchmark(args) -> tuple[list[dict], str]:
 def model_rows(backend, impl, cfg, plan, common: dict, args) -> list[dict]:
     """The rows of one model: one per (mode, L, B) of the plan; failures are rows too."""
     model, params, status = None, "", "ok"
+    if backend.compile:
+        # Dynamo's compiled code is kept per code object, not per model, and a code object that
+        # passes its recompile limit (8) runs eagerly from then on: each model starts afresh.
+        torch._dynamo.reset()
     try:
         model = impl.build(cfg)
         params = impl.params(model)
         model = backend.prepare_model(model, cfg)
     except Exception as e:  # noqa: BLE001  (a model too large for the device is a row)
         model, status = None, failure(e)
-    rows = []
+    rows, asked = [], hasattr(model, "_orig_mod")
     for mode, L, B in plan:
-        row = dict(common, params=params, compiled=hasattr(model, "_orig_mod"), mode=mode, batch=B,
+        row = dict(common, params=params, compiled=asked, mode=mode, batch=B,
                    seq_len=L, reps=args.realtime_calls if mode == "realtime" else args.reps,
                    status=status)
         if model is not None:
             try:
                 row.update(measure(backend, impl, model, cfg, mode, B, L, args))
+                if row["compiled"] != asked:
+                    print(f"  warning: {common['preset']} {impl.name} {mode} B={B} L={L} ran eagerly although "
+                          "compiled (the row says compiled=False); TORCH_LOGS=recompiles says why",
+                          flush=True)
             except Exception as e:  # noqa: BLE001  (recorded, the run goes on)
                 row["status"] = failure(e)
                 e.__traceback__ = None  # frames hold the failed step's tensors

@@ -106,6 +106,28 @@ def test_an_oom_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "| 2 x 32 | OOM |" in md
 
 
+def test_compiled_rows_ran_compiled_and_rows_that_ran_eagerly_say_so(tmp_path, monkeypatch):
+    """--compile true over three presets. Dynamo keeps compiled code per code object, not per
+    model: without a reset between models the later ones pass its recompile limit and run
+    eagerly. The limit is scaled down to this run (one forward shape per model) instead of
+    measuring eight models; a compiled row also compiled nothing in its timed repeats."""
+    argv = ("--model_args", "n_layers=1",  # replaces TINY's: each preset keeps its own width
+            "--presets", "esm2_8m,esm2_35m,esm2_150m", "--compile", "true", "--no-hf",
+            "--modes", "infer", "--batches", "1", "--lengths", "16", "--reps", "2")
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            rows = run_bench(tmp_path / "reset", *argv)
+            assert [(r["compiled"], r["compiles"], r["status"]) for r in rows] == [("True", "0", "ok")] * 3
+            # Without the reset the second and third models run eagerly, and their rows say so.
+            torch._dynamo.reset()
+            with monkeypatch.context() as m:
+                m.setattr(torch._dynamo, "reset", lambda: None)
+                rows = run_bench(tmp_path / "no-reset", *argv)
+            assert [(r["compiled"], r["status"]) for r in rows] == [("True", "ok"), ("False", "ok"), ("False", "ok")]
+    finally:
+        torch._dynamo.reset()
+
+
 def test_costs_follow_the_price(tiny_run, tmp_path):
     _, rows = tiny_run
     for r in rows:

@@ -1,11 +1,19 @@
-"""The CUDA lane: what only a GPU can show. Skipped where no GPU is visible (CI, the dev box);
-on a GPU machine run `./run.sh test-cuda` (pytest -m cuda). The CPU lane already covers the
-logic these paths share (FSDP2, compile inside DDP/FSDP2, flex's block mask): test_train_*."""
+"""The CUDA lane: what only a GPU can show (pytest -m cuda, by `./run.sh test-cuda`, which stops
+with one sentence where no GPU is visible instead of skipping; skipped in the CPU lane). The CPU
+lane already covers the logic these paths share (FSDP2, compile inside DDP/FSDP2, flex's block
+mask): test_train_*. It checks here what makes the lane and the GPU image usable: the gate of
+`./run.sh test-cuda` and the Dockerfile's compiler."""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +21,19 @@ from train_support import TORCHRUN, losses, run_train, write_tiny_shards
 
 from model import build_model, get_config
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (./run.sh test-cuda on one)"),
-]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu(test):
+    """A test of the CUDA lane: marked cuda, skipped where no GPU is visible."""
+    needs = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (./run.sh test-cuda on one)")
+    return pytest.mark.cuda(needs(test))
+
+
 CUDA = ("--device", "cuda")
 
 
+@gpu
 def test_flex_attention_trains_like_sdpa_on_cuda():
     """Forward and backward of the compiled flex path against SDPA, in fp32, on packed rows."""
     torch.manual_seed(0)
@@ -44,6 +58,7 @@ def data(tmp_path_factory):
     return write_tiny_shards(tmp_path_factory.mktemp("cuda") / "data")
 
 
+@gpu
 def test_train_py_on_one_gpu_logs_mfu_and_memory(tmp_path, data):
     """The default CUDA composition (bf16 autocast, compile, flex, fused AdamW) learns, and its
     log carries MFU (for a GPU of runtime/hardware.py's table) and GPU memory."""
@@ -63,6 +78,7 @@ def test_train_py_on_one_gpu_logs_mfu_and_memory(tmp_path, data):
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-9)
 
 
+@gpu
 def test_bf16_autocast_stays_near_fp32_on_cuda(tmp_path, data):
     eager = ("--num_steps", "8", "--compile", "false", "--model_args.attn_impl", "sdpa", *CUDA)
     _, fp32 = run_train(tmp_path, data, "fp32", *eager, "--precision", "fp32")
@@ -70,6 +86,7 @@ def test_bf16_autocast_stays_near_fp32_on_cuda(tmp_path, data):
     assert losses(bf16) == pytest.approx(losses(fp32), rel=2e-2)
 
 
+@gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ddp_and_fsdp2_over_nccl_agree(tmp_path, data):
     two = [*TORCHRUN, "--nproc_per_node=2"]
@@ -79,6 +96,7 @@ def test_ddp_and_fsdp2_over_nccl_agree(tmp_path, data):
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-3)  # TF32 matmuls, compiled kernels
 
 
+@gpu
 def test_bench_py_on_cuda_reports_a_row_with_mfu(tmp_path):
     import bench
 
@@ -88,4 +106,42 @@ def test_bench_py_on_cuda_reports_a_row_with_mfu(tmp_path):
         rows = list(csv.DictReader(f))
     ours = [r for r in rows if r["impl"] == "ours"]
     assert ours and all(r["status"] == "ok" for r in ours)
-    assert float(ours[0]["tokens_per_s"]) > 0 and ours[0]["compiled"] == "True"
+    assert float(ours[0]["tokens_per_s"]) > 0
+    assert ours[0]["compiled"] == "True" and ours[0]["compiles"] == "0"  # ran warm-up's graphs
+
+
+# ---------------------------------------------------------------------------- checked on the CPU
+
+
+def test_the_cuda_lane_stops_with_one_sentence_where_no_gpu_is_visible(tmp_path):
+    """`./run.sh test-cuda` with no GPU visible exits 1 with one sentence before pytest runs.
+    It runs in a copy of run.sh whose .venv-cuda python is a stand-in: pip installs nothing, the
+    rest runs on this interpreter."""
+    (tmp_path / "tests").mkdir()
+    shutil.copy(ROOT / "run.sh", tmp_path)
+    shutil.copy(ROOT / "tests" / "require_gpu.py", tmp_path / "tests")
+    python = tmp_path / ".venv-cuda" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path}/calls"\n'
+                      f'if [ "$1 $2" = "-m pip" ]; then exit 0; fi\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    run = subprocess.run(["./run.sh", "test-cuda"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert run.returncode == 1 and run.stdout == ""
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "-m pip install -q --disable-pip-version-check -r requirements-cuda.txt", "tests/require_gpu.py"]
+    message = run.stderr.strip()
+    assert message.startswith("run.sh test-cuda: ") and message.endswith(".") and "\n" not in message
+    assert message.count("; ") == 1  # what is wrong; what to do
+    assert ("a CPU build" if torch.version.cuda is None else "sees no GPU") in message
+
+
+def test_the_gpu_image_has_what_triton_builds_its_launcher_with():
+    """torch.compile on CUDA compiles Triton kernels, and Triton builds a C launcher against
+    Python.h at the first one: the image installs a C compiler with the C library headers and
+    the headers of the python3 its venv is made from."""
+    lines = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text()).splitlines()
+    runs = [line.split() for line in lines if line.startswith("RUN ")]
+    installed = {word for words in runs if "apt-get" in words for word in words}
+    assert {"build-essential", "python3-dev"} <= installed
+    assert ["RUN", "python3", "-m", "venv", "/opt/venv"] in runs

@@ -1,9 +1,17 @@
+import datetime
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from huggingface_hub import constants as hub_constants
 
 from data import download as dl
@@ -11,6 +19,8 @@ from data.datasets import resolve_dataset
 from data.download import DownloadError, download
 from data.shards import join_documents, write_shard
 from data.tokenizer import encode
+from runtime.devices import get_backend
+from training import data_setup
 
 REPO = "Synthyra/omg_prot50_packed"
 
@@ -137,3 +147,64 @@ def test_cli_reports_unreachable_hub(tmp_path):
     assert run.returncode == 1
     assert run.stderr.startswith("error: cannot reach the Hugging Face Hub")
     assert "hf_not_printed" not in run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------------------- train.py's first use
+
+
+def _setup_worker(rank, tmp, outcome):
+    """One of 2 gloo ranks (local ranks 0 and 1 of one machine) in training.data_setup.resolve_data,
+    with a stand-in for the download that outlasts the process group's timeout, then succeeds or
+    fails as `outcome` says. Writes what the rank got to rank<r>.json."""
+    tmp = Path(tmp)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    timeout = datetime.timedelta(seconds=2)  # any wait in a collective fails after 2 s
+    dist.init_process_group("gloo", init_method=f"file://{tmp / 'init'}", rank=rank, world_size=2,
+                            timeout=timeout)
+    calls = []
+
+    def slow_download(argv):
+        calls.append(argv)
+        time.sleep(3 * timeout.total_seconds())
+        if outcome == "unreachable":
+            print("error: cannot reach the Hugging Face Hub")
+            return 1
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        for i, split in enumerate(("train", "valid", "test")):
+            write_shard(out / f"omg_prot50_{split}_000000.bin", join_documents([encode("MKV" * (i + 1))]))
+        return 0
+
+    dl.main = slow_download
+    data_setup.POLL_SECONDS = 0.05
+    tempfile.tempdir = str(tmp / "markers")  # the machine's temporary folder, for this test alone
+    backend = get_backend("cpu", None)
+    backend.init_distributed()
+    cfg = SimpleNamespace(data="omg_prot50", data_cache=str(tmp / "cache"), num_chunks=1)
+    try:
+        files = data_setup.resolve_data(cfg, backend)
+        got = {"train": [p.name for p in files.train], "error": None}
+    except Exception as e:  # noqa: BLE001  (what each rank would print)
+        got = {"error": f"{type(e).__name__}: {e}"}
+    got["downloads"] = len(calls)
+    (tmp / f"rank{rank}.json").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("outcome", ["downloaded", "unreachable"])
+def test_the_other_ranks_wait_for_a_slow_first_download_and_share_its_error(tmp_path, outcome):
+    """Local rank 0 downloads for longer than any collective may wait; local rank 1 waits for its
+    marker, not in a collective, and gets the shards, or the same one-sentence error."""
+    (tmp_path / "markers").mkdir()
+    mp.spawn(_setup_worker, args=(str(tmp_path), outcome), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["downloads"] for r in ranks] == [1, 0]
+    markers = [p.suffix for p in (tmp_path / "markers").iterdir()]
+    if outcome == "downloaded":
+        assert ranks[0]["error"] is ranks[1]["error"] is None
+        assert ranks[0]["train"] == ranks[1]["train"] == ["omg_prot50_train_000000.bin"]
+        assert markers == []  # the done marker is removed once every rank has seen it
+    else:
+        assert ranks[0]["error"] == ranks[1]["error"]
+        assert ranks[0]["error"].startswith("ConfigError: the omg_prot50 shards could not be downloaded")
+        assert markers == [".error"]
