@@ -17,6 +17,7 @@ from torch import nn
 from data.tokenizer import CLS, EOS, FIRST_RESIDUE_ID, MASK, PAD
 from data.tokenizer import VOCAB_SIZE as V
 from evaluation.benchmark import accumulate, metrics
+from runtime.errors import ConfigError
 
 
 def documents(tokens: np.ndarray) -> list[np.ndarray]:
@@ -60,6 +61,10 @@ def splm_batches(files, *, max_tokens: int = 1022, batch_size: int = 4, rate: fl
 @torch.no_grad()
 def evaluate_splm(model: nn.Module, files, backend) -> dict:
     """Loss = mean over batches of each batch's mean loss; batches are dealt to ranks in turn."""
+    if backend.static_shapes:
+        raise ConfigError(f"--protocol splm cannot run on --device {backend.name}: its batches are as wide as their "
+                          "longest sequence, so nearly every batch compiles a new graph; use --protocol benchmark "
+                          "there, or --device cpu or cuda.")
     model = backend.eval_model(model)
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)  # (sum of batch means, batches) on the host

@@ -37,12 +37,20 @@ def doc_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token inside its own document, so rotary restarts at every document."""
+    """Position of each token inside its own document, so rotary restarts at every document.
+
+    A document is a run of equal ids (the loaders never split one; trailing padding is a run
+    too). No integer scatter, which neuronx-cc rejects (NCC_EVRF016): a cumulative count
+    numbers the runs, a float32 scatter-add (exact: positions are far below 2^24) files each
+    run's first index under its number, and a gather hands it to the run's tokens.
+    """
     B, L = doc_ids.shape
     idx = torch.arange(L, device=doc_ids.device).expand(B, L)
-    start = torch.full((B, L + 1), L, dtype=idx.dtype, device=doc_ids.device)
-    start = start.scatter_reduce(1, doc_ids + 1, idx, reduce="amin")
-    return idx - per_doc_gather(start, doc_ids)
+    starts = torch.diff(doc_ids, dim=1, prepend=doc_ids[:, :1] - 1) != 0
+    run = starts.long().cumsum(1) - 1
+    first = torch.zeros(B, L, dtype=torch.float32, device=doc_ids.device)
+    first = first.scatter_add(1, run, torch.where(starts, idx, 0).float())
+    return idx - first.gather(1, run).long()
 
 
 # ---------------------------------------------------------------- rotary
@@ -61,7 +69,9 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """ESM2's half-split rotary over the full head dim: x cos + rotate_half(x) sin."""
-    x1, x2 = x.chunk(2, dim=-1)
+    # tensor_split, not split/chunk: with XLA_DISABLE_FUNCTIONALIZATION=1 (Neuron's default)
+    # torch-xla's split along the last dim can return wrong data (pytorch/xla#8640).
+    x1, x2 = torch.tensor_split(x, 2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 

@@ -87,6 +87,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.distributed = distributed
         self.ns_dtype = ns_dtype
+        self._rank_indices: dict = {}  # device -> this rank as a device tensor (_rank_index)
         self._ok = None  # this step's found_inf == 0 (step)
         for group in self.param_groups:
             for p in group["params"]:
@@ -175,15 +176,11 @@ class Muon(torch.optim.Optimizer):
             return
 
         # Each chunk holds up to `world` matrices of one shape: rank r owns the r-th, a rank
-        # with no matrix sends zeros, and one all-gather carries one update per rank.
+        # with no matrix orthogonalises zeros, and one all-gather carries one update per rank.
         pending = None
         for chunk in _chunks(params, world):
-            numel = chunk[0].numel()
-            if rank < len(chunk):
-                local = self._update(chunk[rank], group)
-            else:
-                local = torch.zeros(numel, dtype=self.ns_dtype, device=chunk[0].device)
-            gathered = torch.empty(world * numel, dtype=self.ns_dtype, device=local.device)
+            local = self._owned_update(chunk, group, rank, world)
+            gathered = torch.empty(world * local.numel(), dtype=self.ns_dtype, device=local.device)
             work = _all_gather_flat(gathered, local, async_op=True)
             # Apply the previous chunk while this one is in flight.
             if pending is not None:
@@ -191,6 +188,25 @@ class Muon(torch.optim.Optimizer):
             pending = (work, gathered, chunk)
         if pending is not None:
             self._finish(*pending, group)
+
+    def _owned_update(self, chunk: list[torch.Tensor], group: dict, rank: int, world: int) -> torch.Tensor:
+        """This rank's matrix of `chunk` orthogonalised (zeros past the chunk's end), flat.
+
+        Every rank runs the same operations on the same shapes, whatever it owns: the chunk,
+        padded with zero matrices to `world`, is stacked and this rank's matrix picked by an
+        index that is data, not code. On XLA that makes one graph for all ranks, which
+        Neuron requires of data-parallel workers."""
+        mats = [_as_matrix(self._nesterov(p, group)).to(self.ns_dtype) for p in chunk]
+        mats += [torch.zeros_like(mats[0])] * (world - len(chunk))
+        mine = torch.stack(mats).index_select(0, self._rank_index(rank, mats[0].device))[0]
+        return zeropower_via_newtonschulz5(mine, steps=group["ns_steps"], dtype=self.ns_dtype).flatten()
+
+    def _rank_index(self, rank: int, device: torch.device) -> torch.Tensor:
+        """This rank as a one-element device tensor, made once: an input of the graph, not a
+        constant baked into it."""
+        if device not in self._rank_indices:
+            self._rank_indices[device] = torch.tensor([rank], device=device)
+        return self._rank_indices[device]
 
     def _step_row_sharded(self, chunk: list[torch.Tensor], group: dict, rank: int, world: int) -> None:
         """FSDP2 parameters (rows split over the ranks, torch.chunk's layout): rank j owns the

@@ -37,6 +37,7 @@ class Backend:
     muon_dtype = torch.float32
     compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
     flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
+    graphs_only = False  # XLA under neuron_parallel_compile: every value read back is 0
 
     def __init__(self, cfg=None):
         self.cfg = cfg

@@ -78,8 +78,9 @@ def runtime_env(precision: str, cc_flags: str = "") -> dict[str, str]:
         # weights already choose the matmul dtype, so the compiler must cast nothing more.
         extra.append("--auto-cast=none")
     env = {
-        # A Python scalar equal to 1.0 (an lr factor after warm-up) would otherwise become a
-        # graph constant and recompile the step; as device data it is an ordinary input.
+        # torch-xla bakes Python scalars equal to 0 or +-1 into the graph (an lr of exactly 0 at
+        # the start of a warm-up or the end of a decay: a graph of its own); with this set,
+        # every Python scalar is device data, an ordinary input.
         "XLA_NO_SPECIAL_SCALARS": "1",
         "NEURON_CC_FLAGS": " ".join([cc_flags, *extra]).strip(),
     }
@@ -135,6 +136,10 @@ class XLABackend(Backend):
         """Under torchrun: the `xla` process group for device tensors, a gloo group over the
         same ranks for host objects, rank and world size from the PJRT runtime."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
+        no_store = os.environ.get("XLA_USE_DUMMY_STORE") == "1" and os.environ.get("TORCH_DIST_INIT_BARRIER") == "0"
+        if launched > 1 and no_store:  # torch-xla's rendezvous then makes a DummyStore
+            raise ConfigError("XLA_USE_DUMMY_STORE=1 with TORCH_DIST_INIT_BARRIER=0 leaves the process group without "
+                              "the store that its host (gloo) group needs; unset XLA_USE_DUMMY_STORE.")
         if launched > 1 and not dist.is_initialized():
             import torch_xla.distributed.xla_backend  # noqa: F401  registers the 'xla' backend
 
@@ -190,7 +195,7 @@ class XLABackend(Backend):
         params = [p for p in model.parameters() if p.grad is not None]
         if self.world_size > 1:
             # SUM then scale: the xla process group rejects AVG.
-            self._xm.all_reduce(self._xm.REDUCE_SUM, [p.grad for p in params], scale=1.0 / self.world_size)
+            _all_reduce_bucketed(self._xm, [p.grad for p in params], self.world_size)
         # foreach=False: torch-xla's clipping refuses the foreach kernels
         norm = scale_and_clip([p.grad for p in params], grad_clip, scale, foreach=False)
         ok = torch.isfinite(norm)
@@ -205,7 +210,10 @@ class XLABackend(Backend):
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device)
         if self.world_size > 1:
-            self._xm.all_reduce(self._xm.REDUCE_SUM, [t])
+            if t.is_floating_point():
+                self._xm.all_reduce(self._xm.REDUCE_SUM, [t])
+            else:  # counts: neuronx-cc may refuse an integer all-reduce (NCC_EVRF061)
+                t = _all_reduce_counts(self._xm, t)
         return t
 
     # ------------------------------------------------------------------ host side
@@ -254,10 +262,12 @@ class XLABackend(Backend):
         if self.world_size > 1:
             dist.barrier(group=self._host_group)
 
-    def shutdown(self) -> None:
-        """Flush, meet every rank (avoids exit hangs), close the process group."""
-        self.flush()
-        self.barrier()
+    def shutdown(self, failed: bool = False) -> None:
+        """Flush, meet every rank (avoids exit hangs), close the process group. After a failure,
+        neither: the other ranks may wait in a collective (see Backend.shutdown)."""
+        if not failed:
+            self.flush()
+            self.barrier()
         if self._pg and dist.is_initialized():
             dist.destroy_process_group()
             self._pg = False
@@ -319,19 +329,29 @@ def host_group():
 
     xm.rendezvous would move them as device tensors: it runs graphs, which read back zeros
     in neuron_parallel_compile's trial run (so the payloads arrive empty), and a rank waiting
-    there, e.g. while rank 0 downloads the data, waits inside a device execution, which the
-    Neuron runtime times out (NEURON_RT_EXEC_TIMEOUT). Over gloo a wait is a host wait, with
-    the same 30-minute limit as the other backends.
+    there, e.g. for another node's download, waits inside a device execution, which the Neuron
+    runtime times out (NEURON_RT_EXEC_TIMEOUT). Over gloo a wait is a host wait, with the same
+    30-minute limit as the other backends.
     """
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
 
 
 def _host(value):
-    """A device value on the host, as runtime.backend._host gives it (the step closures' reads);
-    zeros while only extracting graphs, as Neuron returns them then."""
+    """A device value on the host, as runtime.backend._host gives it, but zeros while only
+    extracting graphs, as Neuron returns them then. step_closure reads its values with this."""
     if isinstance(value, torch.Tensor) and extracting_graphs():
         value = torch.zeros(value.shape, dtype=value.dtype)
     return _base_host(value)
+
+
+def _all_reduce_counts(xm, t: torch.Tensor) -> torch.Tensor:
+    """SUM of non-negative integer tensors over the ranks, exactly, in float32: each value is
+    sent as its high and low 16 bits, whose sums stay below float32's 2**24 exact integers for
+    up to 256 ranks and values below 2**40."""
+    hi = torch.div(t, 2**16, rounding_mode="floor")
+    parts = torch.stack([hi, t - hi * 2**16]).float()
+    xm.all_reduce(xm.REDUCE_SUM, [parts])
+    return parts[0].to(t.dtype) * 2**16 + parts[1].to(t.dtype)
 
 
 def _all_reduce_bucketed(xm, grads: list[torch.Tensor], world_size: int,
@@ -339,8 +359,9 @@ def _all_reduce_bucketed(xm, grads: list[torch.Tensor], world_size: int,
     """All-reduce SUM x 1/world of `grads`, in place, one all-reduce per bucket of at most
     `bucket_bytes` (a larger gradient goes alone), last parameters first as backward makes
     them: what xm.reduce_gradients does with ALLREDUCE_GRADIENTS_BUCKET_SIZE_MB. One
-    all-reduce of every gradient would be a single ~0.5 GB transfer for the 133M model that
-    nothing else can overlap; buckets let each go as soon as its gradients are ready."""
+    all-reduce of every gradient is a single ~0.5 GB collective for the 133M model in fp32,
+    which can start only when backward has made the last gradient; a bucket can start as soon
+    as its own gradients exist, while backward goes on."""
     bucket, size = [], 0
     for g in reversed(grads):
         nbytes = g.numel() * g.element_size()

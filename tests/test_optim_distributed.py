@@ -94,8 +94,8 @@ def test_two_ranks_match_one_process(tmp_path):
         start_method="fork",
     )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    # Rank 0 owns slots 0, 2 of (8,16), 0 of (16,8), the 3-D one and (12,12); rank 1 the rest.
-    assert (r0["ns_calls"], r1["ns_calls"]) == (5 * STEPS, 2 * STEPS)
+    # Every rank orthogonalises one matrix per chunk, its own or zeros: the same work on every rank.
+    assert (r0["ns_calls"], r1["ns_calls"]) == (5 * STEPS, 5 * STEPS)
     for i, shape in enumerate(SHAPES):
         assert r0["spread"][i].shape == shape
         assert not torch.equal(r0["spread"][i], make_params()[i]), f"param {i} never moved"
