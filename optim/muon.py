@@ -144,13 +144,17 @@ class Muon(torch.optim.Optimizer):
         scale = max(1.0, rows / cols) ** 0.5
         target = p.to_local() if isinstance(p, DTensor) else p  # a view: updates p in place
         update = update.view_as(target).to(target.dtype)
-        decay = group["lr"] * group["weight_decay"]
-        if self._ok is not None:  # a skipped step: no decay, and a zero update (it may be NaN)
-            update = torch.where(self._ok, update, 0)
-            decay = decay * self._ok.to(target.dtype)
+        if self._ok is None:
+            if group["weight_decay"]:
+                target.mul_(1 - group["lr"] * group["weight_decay"])
+            target.add_(update, alpha=-group["lr"] * scale)
+            return
+        # A skipped step: no decay and no update. The update is finite even then (the gradient
+        # was replaced by the momentum, _step_group), so a 0/1 factor can gate it in the add.
+        ok = self._ok.to(target.dtype)
         if group["weight_decay"]:
-            target.mul_(1 - decay)
-        target.add_(update, alpha=-group["lr"] * scale)
+            target.mul_(1 - group["lr"] * group["weight_decay"] * ok)
+        target.addcmul_(update, ok, value=-group["lr"] * scale)
 
     def _step_group(self, group: dict, rank: int, world: int) -> None:
         # Under DDP every rank sees the same set of gradients, so this list agrees across ranks.
@@ -160,10 +164,11 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             buf, grad = _local(state["momentum_buffer"]), _local(p.grad)  # elementwise: local is whole
-            if self._ok is None:
-                buf.lerp_(grad, 1 - group["momentum"])
-            else:
-                buf.copy_(torch.where(self._ok, buf.lerp(grad, 1 - group["momentum"]), buf))
+            if self._ok is not None:
+                # a skipped step's gradient (maybe NaN) becomes the momentum itself: the lerp
+                # below then leaves the momentum as it was, and every value stays finite
+                grad.copy_(torch.where(self._ok, grad, buf))
+            buf.lerp_(grad, 1 - group["momentum"])
 
         sharded = [p for p in params if isinstance(p, DTensor)]
         if world > 1 and sharded and all(_row_sharded(p, world) for p in params):
