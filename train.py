@@ -159,7 +159,7 @@ def _run(cfg, backend) -> int:
     progress = Progress(cfg.num_steps, state["step"], backend.is_main)
     stop = Stop()
     agreed = {"stop": False}  # set in a step closure, so every rank leaves at the same step
-    window = {"start": 0.0, "real": 0, "all": 0}
+    window = {"start": 0.0, "all": 0}
     peak = backend.peak_flops()
     end = cfg.num_steps if not cfg.steps_this_run else min(cfg.num_steps, state["step"] + cfg.steps_this_run)
 

@@ -45,7 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCEPTED_VERSIONS = ROOT / "logs_to_keep" / "benchmark_code.sha256"
 MAX_PROBLEMS = 12  # past this many, the rest are usually consequences of the first ones
 SAME_ACROSS_RESUMES = ("data", "batch_size", "num_steps", "track")
-SKIPPED = re.compile(r"^step:(\d+) skipped:")
+# "step:N skipped: non-finite gradient norm (nan)" for one step (logs before 2026-11-29), or
+# "... in K step(s) since the last logged step" for K (the counters are read when a step logs)
+SKIPPED = re.compile(r"^step:(\d+) skipped:(?: non-finite gradient norm in (\d+) step)?")
 # Official benchmark files that moved: current path -> the paths earlier logs embed it under.
 # The versions accepted under an old path are listed under the current one in ACCEPTED_VERSIONS.
 EARLIER_PATHS = {"evaluation/benchmark.py": ("runtime/evaluation.py",)}
@@ -268,7 +270,7 @@ def check_lines(log: RunLogFile, lines: list[Line], cfg: dict, fail) -> _Run | N
     for ln in lines:
         if ln.kind == "message":
             m = SKIPPED.match(ln.text)
-            skipped += bool(m)
+            skipped += int(m[2] or 1) if m else 0
             continue
         s, seg = ln.step, log.segments[ln.segment]
         try:
@@ -434,10 +436,10 @@ def check_summary(log: RunLogFile, cfg: dict, run: _Run, fail) -> None:
     T, B = cfg["num_steps"], cfg["batch_size"]
     where = {k: at + 2 + i for i, k in enumerate(summary)}
 
-    def same(key: str, expected, what: str) -> None:
+    def same(key: str, expected, what: str, exact: bool = False) -> None:
         if key not in summary:
             fail(at, f"the summary has no {key}.")
-        elif expected is None or not _same_value(summary[key], expected):
+        elif expected is None or not (str(summary[key]) == str(expected) if exact else _same_value(summary[key], expected)):
             fail(where[key], f"summary {key}:{summary[key]} disagrees with {what} ({expected}).")
 
     same("step", str(T), "num_steps")
@@ -446,7 +448,7 @@ def check_summary(log: RunLogFile, cfg: dict, run: _Run, fail) -> None:
     same("train_time", run.last.fields["train_time"], f"the last step line (line {run.last.lineno})")
     if run.warmup is not None:
         same("warmup_time", run.warmup.fields["warmup_time"], f"the last warm-up line (line {run.warmup.lineno})")
-    same("skipped_steps", str(run.skipped), "the skipped-step messages")
+    same("skipped_steps", str(run.skipped), "the skipped-step messages", exact=True)  # a count: no rounding
     for prefix, line in (("val_", run.final), ("test_", run.test)):
         if line is None:
             continue

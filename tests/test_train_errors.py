@@ -80,3 +80,31 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data, monkeyp
     assert len(skipped) == 3 and "\nstopped: 3 steps in a row" in text
     assert not any(r["kind"] == "summary" for r in read_records(tmp_path / "logs" / "nan.jsonl"))
     assert sorted(p.name for p in (tmp_path / "ckpt" / "nan").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_skipped_steps_between_log_lines_are_counted_and_the_log_verifies(tmp_path, data, monkeypatch):
+    """Steps 3 and 4 non-finite, logging every 2 steps: one message for both, the run goes on,
+    the summary counts 2, and leaderboard.py verify accepts the log."""
+    from train_support import TINY
+
+    import train
+    from runtime.backend import Backend
+    from submissions.logcheck import verify
+
+    real_step, calls = Backend.optimizer_step, []
+
+    def poisoned(self, model, optimizer, grad_clip, scale=1.0):
+        calls.append(1)
+        if len(calls) in (3, 4):
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        return real_step(self, model, optimizer, grad_clip, scale)
+
+    monkeypatch.setattr(Backend, "optimizer_step", poisoned)
+    rc = train.main([*TINY, "--data", str(data), "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir",
+                     str(tmp_path / "ckpt"), "--log_name", "gaps", "--num_steps", "6", "--log_every", "2"])
+    assert rc == 0
+    text = (tmp_path / "logs" / "gaps.txt").read_text()
+    assert [x.split(" (")[0] for x in text.splitlines() if x.startswith("step:") and " skipped: " in x] == [
+        "step:4 skipped: non-finite gradient norm in 2 step(s) since the last logged step"]
+    assert "\nskipped_steps:2\n" in text
+    verify(tmp_path / "logs" / "gaps.txt")  # raises Rejected if the count did not add up
