@@ -410,4 +410,3 @@ def _restore_unless(ok, optimizer, params, before) -> None:
         for p, key, value in list(_state_tensors(optimizer, params)):
             old = old_state.get((id(p), key))
             value.copy_(torch.where(ok, value, old if old is not None else torch.zeros_like(value)))
-

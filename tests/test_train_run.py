@@ -126,3 +126,19 @@ def test_a_run_shorter_than_the_configs_warmup_shrinks_it_and_says_so(tmp_path):
     refused = subprocess.run([sys.executable, *common, "--log_name", "refused", "--optim.warmup_steps", "20"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "warmup_steps=20 does not fit" in refused.stderr
+
+
+def test_a_config_from_outside_with_blank_last_lines_embeds_exactly_and_verifies(tmp_path):
+    """The run log embeds every source byte for byte (blank last lines too), and a config from
+    outside the project under external/<name>: leaderboard verify re-hashes both and accepts."""
+    from submissions.logcheck import verify
+
+    data = write_tiny_shards(tmp_path / "data", n_train=40)
+    config = tmp_path / "elsewhere" / "mine.yaml"
+    config.parent.mkdir()
+    config.write_text((ROOT / "config" / "sample.yaml").read_text() + "\n\n\n")
+    run_train(tmp_path, data, "outside", "--config", str(config), "--num_steps", "3")
+    log = tmp_path / "logs" / "outside.txt"
+    names = re.findall(r"^source: (\S+) sha256:", log.read_text(), re.M)
+    assert "external/mine.yaml" in names and not any(n.startswith("/") for n in names)
+    verify(log)  # raises Rejected if an embedded source no longer hashed to its sha256

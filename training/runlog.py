@@ -110,8 +110,11 @@ class RunLog:
             # a file from outside the project (--config /elsewhere/x.yaml) by its name alone: a log
             # names no absolute path, which the leaderboard refuses in an untrusted log
             name = p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else f"external/{p.name}"
+            text = data.decode("utf-8", "replace")
+            # exactly the file's text (blank last lines too), ended by one newline if it has none:
+            # what the leaderboard re-hashes (submissions/logcheck.py check_sources)
             parts.append(f"{BAR}\nsource: {name} sha256:{hashlib.sha256(data).hexdigest()}\n{BAR}\n"
-                         + data.decode("utf-8", "replace").rstrip("\n") + "\n")
+                         + text + ("" if text.endswith("\n") else "\n"))
         env = "\n".join(f"{k}: {v}" for k, v in environment.items())
         cfg = yaml.safe_dump(config, sort_keys=False).rstrip("\n")
         note = "".join(f"{k}: {v}\n" for k, v in dict(notes).items())
