@@ -1,5 +1,8 @@
 """The networks: faithful ESM2 and the speedrun architecture, behind one interface:
-model(input_ids, doc_ids, labels=None) -> (float32 logits (B, L, 33), summed loss or None)."""
+model(input_ids, doc_ids, labels=None, loss_weights=None, window=None)
+    -> (float32 logits (B, L, 33), summed (weighted) loss or None),
+model.encode(input_ids, doc_ids, window=None, all_layers=False) -> final hidden states (B, L, d)
+    or the list [embedding output, block 1, ..., block n] (the last normed, as HF's)."""
 
 from torch import nn
 

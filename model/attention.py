@@ -85,7 +85,14 @@ def doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
 
 
-def flex_block_mask(doc_ids: torch.Tensor):
+def window_mask(L: int, window, device) -> torch.Tensor:
+    """(L, L) boolean: True where |query - key| <= window. `window` may be a 0-d device tensor,
+    so a window that changes during training changes no graph (XLA, torch.compile)."""
+    idx = torch.arange(L, device=device)
+    return (idx[:, None] - idx[None, :]).abs() <= window
+
+
+def flex_block_mask(doc_ids: torch.Tensor, window=None):
     if create_block_mask is None:
         raise RuntimeError("attn_impl 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5).")
     B, L = doc_ids.shape
@@ -93,13 +100,20 @@ def flex_block_mask(doc_ids: torch.Tensor):
     def same_doc(b, h, q, k):
         return doc_ids[b, q] == doc_ids[b, k]
 
+    def same_doc_near(b, h, q, k):
+        return (doc_ids[b, q] == doc_ids[b, k]) & ((q - k).abs() <= window)
+
     # Traceable by dynamo, so a compiled model builds it inside its graph (as SpeedrunningPLMs).
-    return create_block_mask(same_doc, B, None, L, L, device=doc_ids.device)
+    return create_block_mask(same_doc if window is None else same_doc_near, B, None, L, L, device=doc_ids.device)
 
 
-def build_mask(doc_ids: torch.Tensor, impl: str):
-    """The mask object `attend` expects for this implementation, built once per forward."""
-    return flex_block_mask(doc_ids) if impl == "flex" else doc_mask(doc_ids)
+def build_mask(doc_ids: torch.Tensor, impl: str, window=None):
+    """The mask object `attend` expects for this implementation, built once per forward.
+    window: None (whole documents) or the largest |query - key| a query may attend to."""
+    if impl == "flex":
+        return flex_block_mask(doc_ids, window)
+    mask = doc_mask(doc_ids)
+    return mask if window is None else mask & window_mask(doc_ids.shape[1], window, doc_ids.device)
 
 
 def reference_attention(q, k, v, mask):

@@ -61,14 +61,23 @@ class ESM2(nn.Module):
             with torch.no_grad():
                 m.weight[PAD_ID].zero_()
 
-    def forward(self, input_ids, doc_ids, labels=None):
-        mask = build_mask(doc_ids, self.cfg.attn_impl)
+    def encode(self, input_ids, doc_ids, window=None, all_layers=False):
+        """The final hidden states (B, L, d), after the last LayerNorm; with all_layers, the
+        list [embedding output, block 1, ..., block n] whose last entry is normed (as HF's
+        hidden_states)."""
+        mask = build_mask(doc_ids, self.cfg.attn_impl, window)
         rope = rotary_cos_sin(doc_positions(doc_ids), self.inv_freq)
         x = self.embed(input_ids)
         if self.cfg.token_dropout:
             x = token_dropout(x, input_ids, doc_ids, rescale=True)
         x = x * (doc_ids >= 0).unsqueeze(-1).to(x.dtype)  # ESM2 zeroes padding embeddings
+        hidden = [x]
         for block in self.blocks:
             x = block(x, rope, mask)
-        logits = self.lm_head(self.norm(x), self.embed.weight)
-        return lm_output(logits, labels)
+            hidden.append(x)
+        hidden[-1] = self.norm(x)
+        return hidden if all_layers else hidden[-1]
+
+    def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None):
+        logits = self.lm_head(self.encode(input_ids, doc_ids, window), self.embed.weight)
+        return lm_output(logits, labels, loss_weights)

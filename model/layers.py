@@ -83,14 +83,15 @@ def token_dropout(x, input_ids, doc_ids, rescale: bool):
     return (x * (1.0 - ESM2_MASK_RATIO_TRAIN) / keep[..., None]).to(x.dtype)
 
 
-def lm_output(logits: torch.Tensor, labels: torch.Tensor | None):
-    """(float32 logits, SUM of cross-entropy over labels != -100). ignore_index over all
-    positions rather than boolean indexing keeps one static graph on XLA; an all-ignored
-    batch gives 0, not NaN."""
+def lm_output(logits: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None = None):
+    """(float32 logits, SUM of cross-entropy over labels != -100), each target's term times
+    its `weights` entry (B, L) when given. ignore_index over all positions rather than boolean
+    indexing keeps one static graph on XLA; an all-ignored batch gives 0, not NaN."""
     logits = logits.float()
     if labels is None:
         return logits, None
-    loss = F.cross_entropy(
-        logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
-    )
-    return logits, loss
+    flat = logits.view(-1, logits.size(-1))
+    if weights is None:
+        return logits, F.cross_entropy(flat, labels.view(-1), ignore_index=-100, reduction="sum")
+    ce = F.cross_entropy(flat, labels.view(-1), ignore_index=-100, reduction="none")
+    return logits, (ce * weights.reshape(-1).float()).sum()

@@ -66,17 +66,19 @@ class Speedrun(nn.Module):
                 nn.init.zeros_(block.attn.o.weight)
                 nn.init.zeros_(block.mlp.fc2.weight)
 
-    def forward(self, input_ids, doc_ids, labels=None):
+    def encode(self, input_ids, doc_ids, window=None, all_layers=False):
+        """The final hidden states (B, L, d), after the last norm; with all_layers, the list
+        [embedding output, block 1, ..., block n] whose last entry is normed (as HF's)."""
         cfg = self.cfg
         norm = lambda t: weightless_norm(t, cfg.norm, cfg.norm_eps)
-        mask = build_mask(doc_ids, cfg.attn_impl)
+        mask = build_mask(doc_ids, cfg.attn_impl, window)
         rope = rotary_cos_sin(doc_positions(doc_ids), self.inv_freq) if cfg.rotary else None
         x = self.embed(input_ids)
         if cfg.token_dropout:  # the following norm cancels ESM2's per-document rescale
             x = token_dropout(x, input_ids, doc_ids, rescale=False)
         x = x0 = norm(x)
         ves = [ve(input_ids) for ve in self.value_embeds]
-        skips = []
+        skips, hidden = [], [x]
         for i, block in enumerate(self.blocks):
             if self.skip_weights is not None and i >= cfg.n_layers - self.n_skip:
                 x = x + self.skip_weights[i - (cfg.n_layers - self.n_skip)] * skips.pop()
@@ -84,7 +86,12 @@ class Speedrun(nn.Module):
             x = block(x, x0, None if j is None else ves[j], rope, mask)
             if self.skip_weights is not None and i < self.n_skip:
                 skips.append(x)
-        logits = self.lm_head(norm(x), self.embed.weight).float()
-        if cfg.logit_softcap > 0:
-            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-        return lm_output(logits, labels)
+            hidden.append(x)
+        hidden[-1] = norm(x)
+        return hidden if all_layers else hidden[-1]
+
+    def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None):
+        logits = self.lm_head(self.encode(input_ids, doc_ids, window), self.embed.weight).float()
+        if self.cfg.logit_softcap > 0:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return lm_output(logits, labels, loss_weights)
