@@ -14,6 +14,7 @@ import argparse
 
 from model.config import ATTN_IMPLS
 from runtime import hardware
+from runtime.devices import DEVICES
 from speed.models import MODES, run
 from speed.report import COLUMNS, report
 
@@ -25,7 +26,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=("run", "sweep", "report"))
     m = p.add_argument_group("run and sweep")
-    m.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "xla"))
+    m.add_argument("--device", default="auto", choices=DEVICES)
     m.add_argument("--presets", help="comma list of model presets (default: see DEFAULTS in speed/models.py)")
     m.add_argument("--batches", help="comma list of batch sizes B")
     m.add_argument("--lengths", help="comma list of lengths L")
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     m.add_argument("--warmup", type=int, help="untimed steps first (default 1; 2 where shapes compile)")
     m.add_argument("--realtime_calls", type=int, default=20, help="timed single-sequence calls")
     m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: the device's default (CPU fp32, CUDA and XLA bf16 autocast)")
+                   help="auto: the device's default (CPU fp32, CUDA, Neuron and XLA bf16 autocast)")
     m.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
                    help="torch.compile: auto = on CUDA only; true compiles on the CPU too")
     m.add_argument("--attn", choices=ATTN_IMPLS, help="our attention (default: the device's choice)")

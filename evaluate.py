@@ -29,10 +29,16 @@ from pathlib import Path
 
 from data.shards import ShardError
 from evaluation.benchmark import BENCH_LENGTH, evaluate
-from evaluation.inputs import dataset_files, fasta_split, load_checkpoint_model, load_hf_model
+from evaluation.inputs import (
+    dataset_files,
+    doc_multiple,
+    fasta_split,
+    load_checkpoint_model,
+    load_hf_model,
+)
 from evaluation.splm import evaluate_splm
 from evaluation.unigram import Unigram
-from runtime.devices import get_backend
+from runtime.devices import DEVICES, get_backend
 from runtime.errors import ConfigError
 from training.runlog import format_line
 
@@ -49,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data_cache", default=None, help="cache directory of sample/omg_prot50")
     ap.add_argument("--split", choices=("valid", "test"), help="split of --data (default valid)")
     ap.add_argument("--protocol", default="benchmark", choices=("benchmark", "splm"))
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "xla"))
+    ap.add_argument("--device", default="auto", choices=DEVICES)
     ap.add_argument("--batch_size", type=int, default=16384, help="tokens per batch per rank (benchmark protocol)")
     args = ap.parse_args(argv)
     try:
@@ -96,7 +102,8 @@ def _run(args) -> int:
             m = evaluate_splm(model, split, backend)
         else:
             loader = EvalLoader(split, max(1, args.batch_size // BENCH_LENGTH), BENCH_LENGTH,
-                                rank=backend.rank, world_size=backend.world_size)
+                                rank=backend.rank, world_size=backend.world_size,
+                                doc_multiple=doc_multiple(model))
             m = evaluate(model, loader, backend)
         if backend.is_main:
             print(f"{name} on {where}, {args.protocol} protocol, {m['tokens']} masked tokens")

@@ -3,12 +3,15 @@
     python leaderboard.py verify logs/NAME.txt [--track esm2-8m]
     python leaderboard.py render [--logs logs_to_keep] [--out LEADERBOARD.md] [--plots DIR]
     python leaderboard.py plot logs/a.txt logs/b.txt [--out curves.png]
+    python leaderboard.py experiments LOG_DIR [--out DIR]
 
 verify exits 0 for a verified log (that reaches its claimed track's target, if it claims one),
 1 when it is rejected or misses its target (every problem on its own line), 2 when the file is
 not a run log. The rules (tracks, what is fixed, what a record needs, how to submit) are in
 logs_to_keep/README.md; the checks in submissions/logcheck.py; the table and plots in
-submissions/board.py. Plots need matplotlib, which is imported only to plot.
+submissions/board.py. Plots need matplotlib, which is imported only to plot. experiments lists
+every run log of a folder, verified or not, in DIR/experiments.md and a sortable
+DIR/experiments.html (submissions/experiments.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 from submissions.board import plot_runs, render
+from submissions.experiments import write as write_experiments
 from submissions.logcheck import Rejected, verify
 from submissions.logparse import NotARunLog
 from submissions.tracks import TRACKS
@@ -60,6 +64,21 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_experiments(args) -> int:
+    logs, out = Path(args.log_dir), Path(args.out or args.log_dir)
+    if not logs.is_dir():
+        print(f"leaderboard.py experiments: {logs} is not a directory; pass the folder holding the .txt run logs.",
+              file=sys.stderr)
+        return 2
+    if out.exists() and not out.is_dir():
+        print(f"leaderboard.py experiments: --out {out} is a file; pass a directory for the two pages.", file=sys.stderr)
+        return 2
+    md, page, rows = write_experiments(logs, out)
+    unread = sum(r.unreadable for r in rows)
+    print(f"wrote {md} and {page}: {len(rows) - unread} runs" + (f", {unread} unreadable files" if unread else ""))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +96,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("logs", nargs="+")
     p.add_argument("--out", default="curves.png")
     p.set_defaults(run=cmd_plot)
+    p = sub.add_parser("experiments", help="every run log of a folder in one table (Markdown and sortable HTML)")
+    p.add_argument("log_dir", help="folder of .txt run logs (train.py writes them to logs/)")
+    p.add_argument("--out", default="", help="where experiments.md and experiments.html go (default: LOG_DIR)")
+    p.set_defaults(run=cmd_experiments)
     args = parser.parse_args(argv)
     return args.run(args)
 

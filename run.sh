@@ -5,10 +5,13 @@
 #   test       setup both environments and run the whole test suite (CPU lane + XLA lane)
 #   test-cpu   the CPU lane only;  test-xla  the XLA lane only (torch-xla, PJRT_DEVICE=CPU)
 #   test-cuda  the CUDA lane, on a GPU machine (.venv-cuda: CUDA torch; fails where no GPU is visible)
+#   test-neuron  the Neuron lane, on a trn2/trn3 instance (.venv-trn2: TorchNeuron; fails where no
+#              Neuron device is visible)
 #   cpu        train.py on the CPU (default config: sample)
 #   cuda       train.py on every local GPU with torchrun (default config: speedrun)
 #   h100x8     the 8xH100 speedrun
-#   trn1 | trn1-32 | trn1-compile   Trainium presets (see docs/trainium.md)
+#   trn1 | trn1-32 | trn1-compile   Trainium 1 presets, torch-xla (see docs/trainium.md)
+#   trn2 | trn2-3   Trainium 2/3 presets, native TorchNeuron: trn2.48xlarge | trn2.3xlarge
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-}"; shift || true
@@ -21,6 +24,7 @@ setup_venv() {  # setup_venv DIR REQUIREMENTS: create the venv once, then instal
 setup_cpu() { setup_venv .venv requirements-dev.txt; }
 setup_xla() { setup_venv .venv-xla requirements-xla.txt; }
 setup_cuda() { setup_venv .venv-cuda requirements-cuda.txt; }  # a CUDA build of torch, not the CPU lane's
+setup_trn2() { setup_venv .venv-trn2 requirements-trn2.txt; }  # torch 2.13 + torch-neuronx 2.13.3 (Neuron 2.33)
 test_cpu() { setup_cpu; .venv/bin/python -m pytest -m "not xla" "$@"; }
 test_xla() { setup_xla; PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla "$@"; }
 
@@ -50,12 +54,41 @@ trn1_torchrun() {  # trn1_torchrun WORKERS_PER_NODE [train.py flags...]; one wor
   ${TRN1_LAUNCHER:-} torchrun --nproc_per_node="$nproc" "${nodes[@]}" train.py --config config/trn1.yaml --device xla \
     --precision "${PRECISION:-bf16}" "$@"
 }
-trn1_32_accum() {  # config/trn1.yaml's 128 micro-batches per step, over 32 workers per node
-  local workers=$((32 * ${NNODES:-1}))
-  if [ $((128 % workers)) -ne 0 ]; then
-    echo "run.sh: NNODES=${NNODES} does not divide the 128 micro-batches of a step; use 1, 2 or 4 nodes, or pass --batch_size" >&2; exit 2
+step_accum() {  # step_accum MICRO_BATCHES WORKERS_PER_NODE: the grad_accum that spreads a step's micro-batches over every worker of NNODES nodes
+  local micro=$1 per_node=$2 nodes=${NNODES:-1} fits=() n
+  if [ $((micro % (per_node * nodes))) -ne 0 ]; then
+    for ((n = 1; n <= micro / per_node; n++)); do
+      if [ $((micro % (per_node * n))) -eq 0 ]; then fits+=("$n"); fi
+    done
+    local list=${fits[*]}
+    echo "run.sh: $((per_node * nodes)) workers (NNODES=$nodes x $per_node) do not divide the $micro micro-batches of a step; use NNODES in {${list// /, }}, or set NPROC to a divisor of $micro" >&2; exit 2
   fi
-  echo $((128 / workers))
+  echo $((micro / (per_node * nodes)))
+}
+trn1_32_accum() { step_accum 128 32; }  # config/trn1.yaml's 128 micro-batches per step, 32 workers per node
+torchrun_nodes() {  # sets `nodes`: torchrun's arguments for one node, or for this one of NNODES nodes
+  nodes=(--standalone)
+  if [ "${NNODES:-1}" -gt 1 ]; then
+    nodes=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port="${MASTER_PORT:-29500}")
+  fi
+}
+
+# Trainium 2/3 (docs/trainium.md): native PyTorch through TorchNeuron, run inside the venv of
+# requirements-trn2.txt. One worker per logical NeuronCore (NPROC to choose another count);
+# several nodes: NNODES, NODE_RANK, MASTER_ADDR (MASTER_PORT) on each node, EFA between them.
+trn2_torchrun() {  # trn2_torchrun WORKERS_PER_NODE CONFIG [train.py flags...]
+  local per_node=${NPROC:-$1} config=$2; shift 2
+  torchrun_nodes
+  if [ "${NNODES:-1}" -gt 1 ]; then
+    export FI_PROVIDER=${FI_PROVIDER:-efa} FI_EFA_USE_DEVICE_RDMA=${FI_EFA_USE_DEVICE_RDMA:-1} FI_EFA_FORK_SAFE=${FI_EFA_FORK_SAFE:-1}
+  fi
+  # runtime/neuron.py gives each rank the NeuronCore of its LOCAL_RANK before it imports
+  # torch_neuronx; PyTorch's backend autoload would import it with torch, before that.
+  export TORCH_DEVICE_BACKEND_AUTOLOAD=0
+  local accum
+  accum=$(step_accum 128 "$per_node")  # both configs: 128 micro-batches of (4, 1024) per step
+  exec "${TORCHRUN:-torchrun}" "${nodes[@]}" --nproc_per_node="$per_node" train.py --config "$config" --device neuron \
+    --grad_accum "$accum" "$@"
 }
 
 case "$preset" in
@@ -66,13 +99,14 @@ case "$preset" in
   test-xla) test_xla "$@" ;;
   # The CUDA lane stops with one sentence unless its torch is a CUDA build that sees a GPU.
   test-cuda) setup_cuda; .venv-cuda/bin/python tests/require_gpu.py; .venv-cuda/bin/python -m pytest -m cuda "$@" ;;
+  # The Neuron lane likewise stops with one sentence where TorchNeuron sees no Trainium 2/3 device;
+  # its tests touch the device only in child processes (tests/test_neuron.py says why).
+  test-neuron) setup_trn2; .venv-trn2/bin/python tests/require_neuron.py
+    TORCH_DEVICE_BACKEND_AUTOLOAD=0 TORCH_NEURONX_DISABLE_FALLBACK_EXECUTION=1 .venv-trn2/bin/python -m pytest -m neuron "$@" ;;
   cpu) setup_cpu; exec .venv/bin/python train.py --config config/sample.yaml --device cpu "$@" ;;
   # Every local GPU (NPROC to choose); several nodes: NNODES, NODE_RANK, MASTER_ADDR on each node.
   cuda)
-    nodes=(--standalone)
-    if [ "${NNODES:-1}" -gt 1 ]; then
-      nodes=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port="${MASTER_PORT:-29500}")
-    fi
+    torchrun_nodes
     exec "${TORCHRUN:-torchrun}" "${nodes[@]}" --nproc_per_node="${NPROC:-$(nvidia-smi -L | wc -l)}" train.py --device cuda "$@" ;;
   h100x8) exec "${TORCHRUN:-torchrun}" --standalone --nproc_per_node=8 train.py --config config/speedrun.yaml --device cuda "$@" ;;
   # trn1.2xlarge: 2 NeuronCores, so 2 workers (the runtime supports 1 or 2 there).
@@ -97,5 +131,9 @@ case "$preset" in
     TRN1_LAUNCHER=neuron_parallel_compile trn1_torchrun "$nproc" "${accum_flags[@]}" --steps_this_run 10 --eval_every 5 --eval_max_batches 2 \
       --max_skipped_steps 1000 --log_dir logs/neuron-compile --checkpoint_dir checkpoints/neuron-compile \
       --log_name "compile-$target-$(date +%Y%m%d-%H%M%S)" "$@" ;;
+  # trn2.48xlarge: 16 Trainium2 chips, 64 logical NeuronCores (LNC 2), so 64 workers per node.
+  trn2) trn2_torchrun 64 config/trn2.yaml "$@" ;;
+  # trn2.3xlarge: 1 Trainium2 chip, 4 logical NeuronCores (LNC 2), so 4 workers.
+  trn2-3) trn2_torchrun 4 config/trn2-3.yaml "$@" ;;
   *) echo "run.sh: unknown preset '$preset'; see the comment at the top of run.sh for the list" >&2; exit 2 ;;
 esac

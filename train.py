@@ -24,33 +24,40 @@ from data.masking import MaskingConfig
 from data.shards import ShardError
 from evaluation.benchmark import BENCH_LENGTH, evaluate
 from model import build_model, flops_per_token, param_counts, t_eff
+from model.config import doc_alignment
 from optim import apply_schedule, build_optimizer
+from optim.autoclip import AutoClip
 from runtime.devices import get_backend
 from training import checkpoint
-from training.config import ConfigError, load_config, model_config, optim_config
+from training.config import ConfigError, doc_multiple, load_config, model_config, optim_config
 from training.data_setup import resolve_data, split_digest
 from training.runlog import RunLog, environment
 from training.sinks import make_sink
 
 
-def train_step(model, batches, optimizer, backend, grad_clip):
+def train_step(model, batches, optimizer, backend, grad_clip, attn_window=None):
     """One optimizer step over the micro-batches of this rank (DESIGN, "The training loss").
 
     Each micro-batch's backward is of its summed cross-entropy; the optimizer step then scales
     the gradients by world_size / (global target count), which leaves the gradient of
     sum(CE over every target of the step) / count after DDP's average. Everything stays on the
     device (the count too, built from the device labels and all-reduced), so a step that does
-    not log never waits for the device. Returns device tensors: (summed loss of this rank,
-    global target count, real tokens of this rank, pre-clip grad norm, step taken)."""
+    not log never waits for the device. Under masked diffusion the batches carry loss_weights
+    (each target's CE times 1/t) and loss_counted (the denominator counts every residue).
+    attn_window: None, or a 0-d CPU tensor that travels with each micro-batch, so a growing
+    window is a graph input, never a constant. Returns device tensors: (summed loss of this
+    rank, global target count, real tokens of this rank, pre-clip grad norm, step taken)."""
     loss_sum = torch.zeros((), device=backend.device)
     count = real = torch.zeros((), dtype=torch.long, device=backend.device)  # exact at any size
     for i, batch in enumerate(batches):
-        batch = backend.to_device(batch)
-        count = count + (batch["labels"] != -100).sum()
+        batch = backend.to_device(batch if attn_window is None else {**batch, "attn_window": attn_window})
+        counted = batch["loss_counted"] if "loss_counted" in batch else batch["labels"] != -100
+        count = count + counted.sum()
         real = real + (batch["doc_ids"] >= 0).sum()
         with backend.no_sync(model, last_micro=i == len(batches) - 1):
             with backend.autocast():
-                _, loss = model(batch["input_ids"], batch["doc_ids"], batch["labels"])
+                _, loss = model(batch["input_ids"], batch["doc_ids"], batch["labels"],
+                                loss_weights=batch.get("loss_weights"), window=batch.get("attn_window"))
             loss.backward()
         loss_sum = loss_sum + loss.detach().float()
     count = backend.all_reduce_sum(count)
@@ -97,12 +104,16 @@ def _run(cfg, backend) -> int:
 
     files = resolve_data(cfg, backend)
     masking = MaskingConfig(rule=cfg.mask_rule, rate=cfg.mask_rate, rate_start=cfg.mask_rate_start or None,
-                            rate_schedule_steps=cfg.mask_rate_steps)
+                            rate_schedule_steps=cfg.mask_rate_steps,
+                            diffusion=cfg.diffusion_rate_per if cfg.masked_diffusion else "",
+                            diffusion_from=cfg.mask_rate_steps)
     loader = TrainLoader(files.train, rows, cfg.max_length, rank=backend.rank, world_size=backend.world_size,
-                         seed=cfg.seed, masking=masking, micro_steps_per_step=cfg.grad_accum, crop=cfg.crop)
+                         seed=cfg.seed, masking=masking, micro_steps_per_step=cfg.grad_accum, crop=cfg.crop,
+                         doc_multiple=doc_multiple(cfg))
     eval_rows = max(1, cfg.eval_batch_size // BENCH_LENGTH)
-    eval_loader = lambda split: EvalLoader(getattr(files, split), eval_rows, BENCH_LENGTH,
-                                           rank=backend.rank, world_size=backend.world_size)
+    # evaluation lays each sequence where the model sees it whole (the Patch UNet's merge grid)
+    eval_loader = lambda split: EvalLoader(getattr(files, split), eval_rows, BENCH_LENGTH, rank=backend.rank,
+                                           world_size=backend.world_size, doc_multiple=doc_alignment(mcfg))
 
     torch.manual_seed(cfg.seed)  # the model is built on the CPU, so every device starts alike
     mcfg = model_config(cfg, **backend.model_defaults())
@@ -113,6 +124,8 @@ def _run(cfg, backend) -> int:
     model = backend.prepare_model(model, cfg)
     optimizer = build_optimizer(backend.unwrap(model), ocfg, distributed=backend.world_size > 1,
                                 fused=backend.fused_adamw, ns_dtype=backend.muon_dtype)
+    clip = AutoClip.from_config(ocfg, backend.device)  # grad_clip: a number, None, or auto's history
+    auto = clip if isinstance(clip, AutoClip) else None
 
     # warmup_time: the first step of every process (compilation, allocator and cache warm-up),
     # timed apart and left out of train_time, as the speedrun convention asks.
@@ -124,6 +137,8 @@ def _run(cfg, backend) -> int:
         backend.load_model_state(model, common["model"])
         # in the rank's file when it was its own (FSDP2, or a checkpoint written before)
         backend.load_optimizer_state(model, optimizer, mine.get("optimizer", common.get("optimizer")))
+        if auto:
+            auto.load_state_dict(common["auto_clip"])
         loader.load_state_dict(mine["loader"])
         backend.set_rng_state(mine["rng"])
         state.update(common["state"])
@@ -146,6 +161,8 @@ def _run(cfg, backend) -> int:
         # replicated state goes once into common.pt (rank 0 writes it), a rank's own into its file
         (common if backend.replicated_optimizer_state else mine)["optimizer"] = \
             backend.optimizer_state_dict(model, optimizer)
+        if auto:  # the same on every rank: every rank clips with the same global norm
+            common["auto_clip"] = auto.state_dict()
         path = checkpoint.save(run_dir, state["step"], common, mine, backend, cfg.keep_checkpoints)
         log.message(f"checkpoint:{path}")
 
@@ -163,7 +180,7 @@ def _run(cfg, backend) -> int:
     peak = backend.peak_flops()
     end = cfg.num_steps if not cfg.steps_this_run else min(cfg.num_steps, state["step"] + cfg.steps_this_run)
 
-    def on_log(elapsed, loss, real, total, stop_votes, lr, teff, warmup, norm, skipped, in_row):
+    def on_log(elapsed, loss, real, total, stop_votes, lr, teff, warmup, norm, skipped, in_row, clip_at):
         new = int(skipped) - state["skipped"]
         state["skipped"], state["skipped_in_row"] = int(skipped), int(in_row)
         if new:  # read here, on logging steps only: the steps between never wait for the device
@@ -180,7 +197,9 @@ def _run(cfg, backend) -> int:
         tps = real / elapsed
         mfu = flops_per_token(mcfg, teff) * tps / (peak * backend.world_size) if peak else None
         timed_steps = state["step"] - state["warmup_steps"]
-        fields = {"step": state["step"], "loss": loss, "lr": lr, "tokens": state["tokens"], "tok/s": tps,
+        fields = {"step": state["step"], "loss": loss, "lr": lr,
+                  **({"clip": clip_at if clip_at < float("inf") else None} if auto else {}),
+                  "tokens": state["tokens"], "tok/s": tps,
                   "tok/s_all": total / elapsed, "mfu": mfu, "train_time": state["train_time"],
                   "step_avg": 1000 * state["train_time"] / timed_steps if timed_steps else None,
                   "pad": 1 - real / total, **backend.memory_stats(), **backend.log_fields(),
@@ -202,7 +221,12 @@ def _run(cfg, backend) -> int:
         window["all"] += sum(b["doc_ids"].numel() for b in batches)  # shapes only: no read
         apply_schedule(optimizer, state["step"], ocfg, cfg.num_steps)
         lr = max(g["lr"] for g in optimizer.param_groups)  # the largest group's LR, for the log
-        loss_sum, count, real, grad_norm, stepped = train_step(model, batches, optimizer, backend, ocfg.grad_clip)
+        if cfg.masked_diffusion and state["step"] == cfg.mask_rate_steps:  # the loader switches here too
+            log.message(f"step:{state['step']} masked diffusion from step {state['step'] + 1} on: the train loss is "
+                        "now the diffusion bound per residue (docs/training.md)", echo=progress.write)
+        # a fresh 0-d CPU tensor each step: the window reaches the graph as data, never as a constant
+        attn_window = torch.tensor(cfg.attn_window_at(state["step"])) if cfg.attn_window else None
+        loss_sum, count, real, grad_norm, stepped = train_step(model, batches, optimizer, backend, clip, attn_window)
         window_real = window_real + real
         skipped = skipped + (~stepped).long()
         in_row = torch.where(stepped, 0, in_row + 1)
@@ -219,7 +243,7 @@ def _run(cfg, backend) -> int:
             elapsed = time.perf_counter() - window["start"]
             backend.step_closure(on_log, elapsed, loss, totals[0], window["all"] * backend.world_size, totals[1],
                                  lr, sum(t_eff(b["doc_ids"]) for b in batches) / len(batches), warmup,
-                                 grad_norm, skipped, in_row)
+                                 grad_norm, skipped, in_row, auto.threshold if auto else None)
             window.update(all=0)
             window_real = torch.zeros((), dtype=torch.long, device=backend.device)
             # never save over good checkpoints while steps are being skipped

@@ -41,9 +41,12 @@ class EvalLoader:
     """Every sequence of `files` exactly once across ranks, cut to seq_len tokens, with the
     benchmark masks (15% of residues -> <mask>, positions fixed by the sequence's global
     index). Rank r takes sequences r, r+W, ...; every rank yields len(loader) batches, the
-    ones past its own data all padding with labels -100."""
+    ones past its own data all padding with labels -100. doc_multiple: each sequence starts at a
+    multiple of it (data.packing.span; the Patch UNet's alignment), which moves sequences between
+    rows but changes no sequence, mask or target."""
 
-    def __init__(self, files, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, files, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
+                 doc_multiple: int = 1):
         if not files:
             raise ValueError(
                 "EvalLoader got no shards; prepare or download a dataset with valid/test splits"
@@ -53,7 +56,9 @@ class EvalLoader:
                 f"EvalLoader needs batch_size >= 1, seq_len >= {MIN_DOC} and "
                 f"0 <= rank < world_size (got {batch_size}, {seq_len}, {rank}, {world_size})"
             )
-        self.B, self.L = batch_size, seq_len
+        if doc_multiple < 1 or seq_len % doc_multiple:
+            raise ValueError(f"EvalLoader doc_multiple={doc_multiple} must be >= 1 and divide seq_len={seq_len}")
+        self.B, self.L, self.multiple = batch_size, seq_len, doc_multiple
         self._sources, pieces = {}, []
         for fid, path in enumerate(files):
             tokens, starts, ends = open_shard(path)
@@ -74,7 +79,7 @@ class EvalLoader:
             take = WINDOW - len(pending)
             pending += pieces[nxt : nxt + take]
             nxt += take
-            rows.append(take_row(pending, self.L)[0])
+            rows.append(take_row(pending, self.L, self.multiple)[0])
         return rows
 
     def __len__(self) -> int:
@@ -85,7 +90,7 @@ class EvalLoader:
             tokens, docs = empty_rows(self.B, self.L)
             masked = []
             for r, row in enumerate(self._rows[b * self.B : (b + 1) * self.B]):
-                for o, (_, _, n, g) in zip(write_row(tokens, docs, r, row, self._sources), row):
+                for o, (_, _, n, g) in zip(write_row(tokens, docs, r, row, self._sources, self.multiple), row):
                     masked.append(r * self.L + o + benchmark_mask_positions(n, g))
             input_ids = torch.from_numpy(tokens).long()
             labels = torch.full_like(input_ids, IGNORE)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.masking import MaskingConfig, mask_tokens
+from data.masking import MaskingConfig, diffusion_rate, mask_batch
 from data.packing import MIN_DOC, WINDOW, empty_rows, open_shard, shard_tokens, take_row, write_row
 
 # Masking runs on chunks of rows below torch's parallel grain (32,768 elements), so the
@@ -63,8 +63,9 @@ def _seed(*parts: int) -> int:
 class _Packer:
     """The deterministic producer behind TrainLoader; its whole position is `state()`."""
 
-    def __init__(self, files, batch_size, seq_len, rank, world_size, seed, crop):
+    def __init__(self, files, batch_size, seq_len, rank, world_size, seed, crop, doc_multiple=1):
         self.files, self.B, self.L = list(files), batch_size, seq_len
+        self.doc_multiple = doc_multiple  # each document at a multiple of this (packing.span)
         self.rank, self.world, self.seed, self.crop = rank, world_size, seed, crop
         self.epoch = self.file_pos = self.cursor = 0
         self.batches = self.pad_tokens = self.total_tokens = 0
@@ -150,11 +151,10 @@ class _Packer:
                         f"{len(self.files)} training shard(s); use fewer ranks or more data"
                     )
             if not self.pending:
-                self.pad_tokens += self.L
                 continue
-            row, room = take_row(self.pending, self.L)
-            write_row(tokens, docs, r, row, self._sources)
-            self.pad_tokens += room
+            row, _ = take_row(self.pending, self.L, self.doc_multiple)
+            write_row(tokens, docs, r, row, self._sources, self.doc_multiple)
+        self.pad_tokens += int((docs < 0).sum())  # the rows' ends and any gaps of doc_multiple
         self.total_tokens += self.B * self.L
         self.batches += 1
         current = {self._file.fid} if self._file else set()
@@ -168,7 +168,8 @@ class _Failure:
 
 
 class TrainLoader:
-    """Endless training batches dict(input_ids, labels, doc_ids): CPU LongTensors (B, L).
+    """Endless training batches dict(input_ids, labels, doc_ids): CPU LongTensors (B, L), plus
+    loss_weights (float32) and loss_counted (bool) under masked diffusion (data/masking.py).
 
     Masking runs here on the CPU, from a generator seeded by (seed, rank, batch index), in a
     background thread that keeps up to `prefetch` batches ready (0 = no thread). state_dict()
@@ -189,6 +190,7 @@ class TrainLoader:
         micro_steps_per_step: int = 1,
         crop: str = "random",
         prefetch: int = 4,
+        doc_multiple: int = 1,
     ):
         self._thread = None  # set first: __del__ runs even when a check below fails
         files = [Path(f) for f in files]
@@ -208,7 +210,10 @@ class TrainLoader:
             raise ValueError("seed and prefetch must be >= 0 and micro_steps_per_step >= 1")
         self.masking = masking or MaskingConfig()
         self.micro_steps_per_step, self.prefetch = micro_steps_per_step, prefetch
-        self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop)
+        if doc_multiple < 1 or seq_len % doc_multiple:
+            raise ValueError(f"doc_multiple={doc_multiple} must be >= 1 and divide seq_len={seq_len}, "
+                             "or a cropped document would never fit a row")
+        self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop, doc_multiple)
         self._config = {
             "version": STATE_VERSION,
             "files": [f.name for f in files],
@@ -226,29 +231,34 @@ class TrainLoader:
         p = self._packer
         index = p.batches
         tokens, docs = p.next_tokens()
-        input_ids, labels = self.mask(torch.from_numpy(tokens), index)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "doc_ids": torch.from_numpy(docs),
-        }, p.state()
+        doc_ids = torch.from_numpy(docs)
+        return {**self.mask(torch.from_numpy(tokens), index, doc_ids), "doc_ids": doc_ids}, p.state()
 
-    def mask(self, tokens: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels) LongTensors of batch `index` from its (B, L) token ids:
-        mask_tokens over consecutive row chunks with one generator seeded by
-        (seed, rank, index), at the rate of optimizer step index // micro_steps_per_step."""
+    def mask(self, tokens: torch.Tensor, index: int, doc_ids: torch.Tensor | None = None) -> dict:
+        """The masked fields of batch `index` from its (B, L) token ids (data.masking.mask_batch:
+        input_ids and labels, and under masked diffusion loss_weights and loss_counted), for
+        optimizer step index // micro_steps_per_step: the step alone decides the rate and the
+        phase, so prefetched batches and a resumed loader switch at the same step. Masked over
+        consecutive row chunks with one generator seeded by (seed, rank, index). doc_ids is
+        needed by per-sequence diffusion only."""
         p = self._packer
         g = torch.Generator().manual_seed(_seed(p.seed, p.rank, index))
-        rate = self.masking.rate_at(index // self.micro_steps_per_step)
+        step = index // self.micro_steps_per_step
+        diffusing = self.masking.diffusion_at(step)
+        if doc_ids is None and diffusing and self.masking.diffusion == "sequence":
+            raise ValueError("TrainLoader.mask needs doc_ids under per-sequence masked diffusion")
+        # per-batch diffusion: one rate for the whole micro-batch, not one per chunk
+        batch_rate = diffusion_rate(g) if diffusing and self.masking.diffusion == "batch" else None
         rows = max(1, MASK_CHUNK_ELEMENTS // p.L)
-        input_ids = torch.empty(tokens.shape, dtype=torch.long)
-        labels = torch.empty(tokens.shape, dtype=torch.long)
+        out = {}
         for i in range(0, tokens.shape[0], rows):
             chunk = tokens[i : i + rows].long()  # chunk by chunk, like every op here
-            input_ids[i : i + rows], labels[i : i + rows] = mask_tokens(
-                chunk, rate, self.masking.rule, g
-            )
-        return input_ids, labels
+            docs = None if doc_ids is None else doc_ids[i : i + rows]
+            for k, v in mask_batch(chunk, docs, step, self.masking, g, batch_rate).items():
+                if k not in out:
+                    out[k] = torch.empty(tokens.shape, dtype=v.dtype)
+                out[k][i : i + rows] = v
+        return out
 
     def _run(self, stop: threading.Event, q: queue.Queue):
         try:

@@ -18,7 +18,13 @@ WINDOW = 64  # documents considered when filling a row; larger = less padding, m
 MIN_DOC = 3  # <cls> residue <eos>: a row with less room left than this is closed
 
 
-def take_row(pending: list, seq_len: int) -> tuple[list, int]:
+def span(n_residues: int, multiple: int = 1) -> int:
+    """Positions a piece takes in a row: <cls> residues <eos>, padded up to a multiple of
+    `multiple` (the Patch UNet's alignment, so no merged token mixes two documents)."""
+    return -(-(n_residues + 2) // multiple) * multiple
+
+
+def take_row(pending: list, seq_len: int, multiple: int = 1) -> tuple[list, int]:
     """Remove from `pending` the pieces of one row, first fit in window order; return them and
     the room left (padding). The window's head always goes first, so nothing starves."""
     row, kept, room = [], [], seq_len
@@ -26,17 +32,19 @@ def take_row(pending: list, seq_len: int) -> tuple[list, int]:
         if room < MIN_DOC:
             kept += pending[i:]
             break
-        if piece[2] + 2 <= room:
+        if span(piece[2], multiple) <= room:
             row.append(piece)
-            room -= piece[2] + 2
+            room -= span(piece[2], multiple)
         else:
             kept.append(piece)
     pending[:] = kept
     return row, room
 
 
-def write_row(tokens: np.ndarray, docs: np.ndarray, r: int, row: list, sources: dict) -> list:
-    """Lay the row's pieces into row r; return each piece's offset of its first residue."""
+def write_row(tokens: np.ndarray, docs: np.ndarray, r: int, row: list, sources: dict,
+              multiple: int = 1) -> list:
+    """Lay the row's pieces into row r, each at a multiple of `multiple` (the positions
+    between are padding); return each piece's offset of its first residue."""
     o, offsets = 0, []
     for k, (f, s, n, *_) in enumerate(row):
         tokens[r, o] = CLS
@@ -44,7 +52,7 @@ def write_row(tokens: np.ndarray, docs: np.ndarray, r: int, row: list, sources: 
         tokens[r, o + 1 + n] = EOS
         docs[r, o : o + n + 2] = k
         offsets.append(o + 1)
-        o += n + 2
+        o += span(n, multiple)
     return offsets
 
 

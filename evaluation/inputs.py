@@ -11,6 +11,7 @@ from torch import nn
 
 from data.tokenizer import PAD, VOCAB_SIZE
 from evaluation.benchmark import BENCH_LENGTH
+from model.config import ModelConfig, doc_alignment
 from runtime.errors import ConfigError
 from training.checkpoint import weights_file
 
@@ -111,3 +112,11 @@ def fasta_split(path: str, out: Path) -> tuple[list[Path], str]:
     v = s["splits"]["valid"]
     cut = f"{v['truncated']:,} cut to {BENCH_LENGTH} tokens"
     return find_shards(out).valid, f"{path} ({v['sequences']:,} sequences, {cut})"
+
+
+def doc_multiple(model: nn.Module) -> int:
+    """Where a sequence may start in a row: anywhere (1), but for the Patch UNet at multiples of
+    2^merges, so that no merged token of any level mixes two sequences (data.packing.span, as
+    training's align_docs lays them out); the benchmark lays its rows out the same way."""
+    cfg = getattr(model, "cfg", None)
+    return doc_alignment(cfg) if isinstance(cfg, ModelConfig) else 1

@@ -1,4 +1,4 @@
-"""The networks: faithful ESM2 and the speedrun architecture, behind one interface:
+"""The networks: faithful ESM2, the speedrun architecture and the Patch UNet, behind one interface:
 model(input_ids, doc_ids, labels=None, loss_weights=None, window=None)
     -> (float32 logits (B, L, 33), summed (weighted) loss or None),
 model.encode(input_ids, doc_ids, window=None, all_layers=False) -> final hidden states (B, L, d)
@@ -8,11 +8,14 @@ from torch import nn
 
 from model.config import PRESETS, ModelConfig, flops_per_token, get_config, param_counts, t_eff
 from model.esm2 import ESM2
+from model.patch_unet import PatchUNet
 from model.speedrun import Speedrun
+
+NETWORKS = {"esm2": ESM2, "speedrun": Speedrun, "patch_unet": PatchUNet}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    return ESM2(cfg) if cfg.arch == "esm2" else Speedrun(cfg)
+    return NETWORKS[cfg.arch](cfg)
 
 
 __all__ = [

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 
-ARCHS = ("esm2", "speedrun")
+ARCHS = ("esm2", "speedrun", "patch_unet")
 ATTN_IMPLS = ("sdpa", "flex", "reference")
 ACTIVATIONS = ("gelu", "relu2")
 NORMS = ("layer", "rms")
@@ -48,6 +49,11 @@ class ModelConfig:
     unet: bool = True  # U-Net skips with learned weights, plus the x0 residual mix
     logit_softcap: float = 32.0  # 0 turns it off
     tie_embeddings: bool = False
+    # Patch UNet only (arch "patch_unet"; 0 elsewhere): n_layers counts its encoder + decoder
+    # blocks, extra_layers the full-resolution blocks after it, max_length the row length it is
+    # built for (a power of two; training sets it to the run's max_length).
+    extra_layers: int = 0
+    max_length: int = 0
 
     def __post_init__(self):
         _validate(self)
@@ -98,6 +104,73 @@ def _validate(c: ModelConfig) -> None:
             f"model arch 'esm2' is fixed by ESM2 but got speedrun settings {wrong}; "
             "drop them or use arch='speedrun'.",
         )
+    if c.arch != "patch_unet":
+        need(
+            c.extra_layers == 0 and c.max_length == 0,
+            f"model extra_layers={c.extra_layers} and max_length={c.max_length} are Patch UNet "
+            f"settings; drop them or use arch='patch_unet' (this is arch {c.arch!r}).",
+        )
+        return
+    need(c.n_layers % 2 == 0, f"model n_layers={c.n_layers} counts the Patch UNet's encoder and "
+         "decoder blocks, one of each per level; make it even.")
+    need(isinstance(c.extra_layers, int) and c.extra_layers >= 0,
+         f"model extra_layers={c.extra_layers!r} must be a whole number >= 0.")
+    need(isinstance(c.max_length, int) and c.max_length >= 2 and c.max_length & (c.max_length - 1) == 0,
+         f"model max_length={c.max_length!r}: the Patch UNet halves the row length at every level, "
+         "so it must be a power of two (e.g. 512, 1024, 2048).")
+    need(c.unet, "model arch 'patch_unet' is a U-Net: its skips and x0 mix cannot be turned off (unet=True).")
+    odd = [w for w in unet_widths(c) if (w // c.n_heads) % 2]
+    need(not odd, f"model Patch UNet widths {unet_widths(c)} give an odd head dim at width {odd[:1]} "
+         f"with n_heads={c.n_heads}; rotary needs even head dims, pick another head count.")
+
+
+# ---------------------------------------------------------------- the Patch UNet's shape
+
+MAX_HEAD_DIM = 128  # the peer's cap (Triton's shared memory in flex attention kernels)
+
+
+def unet_widths(cfg: ModelConfig) -> list[int]:
+    """Width of each encoder level (SpeedrunningPLMs' get_hidden_sizes, its float arithmetic
+    kept): d_model scaled linearly towards 2 d_model, rounded up to lcm(64, n_heads), at most
+    n_heads * 128 (rounded down to that multiple) so no head is wider than 128."""
+    n, h = cfg.n_layers // 2, cfg.n_heads
+    align = 64 * h // math.gcd(64, h)
+    cap = h * MAX_HEAD_DIM // align * align
+    return [min(int(((cfg.d_model * (1.0 + i / max(n - 1, 1)) + align - 1) // align) * align), cap)
+            for i in range(n)]
+
+
+def unet_mlp_width(cfg: ModelConfig, width: int) -> int:
+    """MLP width of a level: d_ff at the base width; elsewhere d_ff/d_model times the width,
+    rounded up to a multiple of 256 (the peer's correction_fn)."""
+    if width == cfg.d_model:
+        return cfg.d_ff
+    return int(((cfg.d_ff / cfg.d_model * width) + 255) // 256 * 256)
+
+
+def unet_depths(cfg: ModelConfig) -> tuple[list[int], list[int], int]:
+    """(depth of each encoder block, of each decoder block, number of merges). A block at
+    depth d sees rows of max_length / 2^d tokens; merging stops at length 1, where blocks
+    have no attention (the peer's BottleneckMLP): depth log2(max_length)."""
+    n, bottom = cfg.n_layers // 2, cfg.max_length.bit_length() - 1
+    encoder = [min(i, bottom) for i in range(n)]
+    return encoder, encoder[::-1], min(n - 1, bottom)
+
+
+def unet_attends(cfg: ModelConfig, depth: int) -> bool:
+    """Blocks attend above length 1; at length 1 they are MLPs (the peer's BottleneckMLP)."""
+    return depth < cfg.max_length.bit_length() - 1
+
+
+def unet_merges(cfg: ModelConfig) -> int:
+    return unet_depths(cfg)[2]
+
+
+def doc_alignment(cfg: ModelConfig) -> int:
+    """Where a document must start in a row for the model to see it whole: anywhere (1), but
+    for the Patch UNet at multiples of 2^merges, so no merged token of any level mixes two
+    documents (data.packing.span)."""
+    return 1 << unet_merges(cfg) if cfg.arch == "patch_unet" else 1
 
 
 def _esm2(n_layers, d_model, n_heads):
@@ -116,6 +189,10 @@ PRESETS: dict[str, dict] = {
     "speedrun": dict(arch="speedrun", n_layers=24, d_model=768, n_heads=6, d_ff=2048),
     # Small enough to learn something on a 2-core CPU in minutes (~3.3M parameters).
     "sample": dict(arch="speedrun", n_layers=6, d_model=256, n_heads=4, d_ff=768),
+    # SpeedrunningPLMs' Patch UNet (example_yamls/patch_unet.yaml): 6 encoder + 6 decoder
+    # levels from 768 to 1536 wide, 4 full-resolution blocks after, rows of 2048; 212,279,127 parameters.
+    "patch_unet": dict(arch="patch_unet", n_layers=12, d_model=768, n_heads=12, d_ff=1536,
+                       extra_layers=4, max_length=2048, token_dropout=False),
 }
 
 
@@ -125,10 +202,28 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """N_matmul of the FLOPs formula: the weights every token multiplies (lookups excluded)."""
+def matmul_params(cfg: ModelConfig, per_token: bool = False) -> float:
+    """N_matmul: the weights of the matrix multiplies (lookups excluded). per_token=True weighs
+    each matrix by the share of the row's positions it multiplies, which only the Patch UNet's
+    coarser levels make less than 1: the N of the FLOPs formula."""
     d = cfg.d_model
-    return cfg.n_layers * (4 * d * d + 2 * d * cfg.d_ff) + d * d + cfg.vocab_size * d
+    if cfg.arch != "patch_unet":
+        return cfg.n_layers * (4 * d * d + 2 * d * cfg.d_ff) + d * d + cfg.vocab_size * d
+    return sum(n * (share if per_token else 1) for n, share in _unet_matmuls(cfg))
+
+
+def _unet_matmuls(cfg: ModelConfig) -> list[tuple[int, float]]:
+    """(weights, share of positions) of every matrix of the Patch UNet (model/patch_unet.py)."""
+    d, widths = cfg.d_model, unet_widths(cfg)
+    encoder, decoder, merges = unet_depths(cfg)
+    out = [(2 * d * widths[0], 1.0)] if widths[0] != d else []  # input and output projections
+    for depth in encoder + decoder:
+        w = widths[depth]
+        block = 2 * w * unet_mlp_width(cfg, w) + (4 * w * w if unet_attends(cfg, depth) else 0)
+        out.append((block + (d * w if w != d else 0), 0.5**depth))  # + the x0 projection
+    out += [(2 * 2 * widths[k] * widths[k + 1], 0.5 ** (k + 1)) for k in range(merges)]  # merge + expand
+    extra = cfg.extra_layers * (4 * d * d + 2 * d * cfg.d_ff)
+    return out + [(extra + d * d + cfg.vocab_size * d, 1.0)]  # the extra blocks and the head
 
 
 def param_counts(model: torch.nn.Module) -> dict:
@@ -144,8 +239,16 @@ def param_counts(model: torch.nn.Module) -> dict:
 
 
 def flops_per_token(cfg: ModelConfig, t_eff: float) -> float:
-    """Training FLOPs per token: 6 N_matmul + 12 L d T_eff (PaLM App. B, no causal halving)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * float(t_eff)
+    """Training FLOPs per token: 6 N_matmul + 12 L d T_eff (PaLM App. B, no causal halving).
+    Patch UNet: N_matmul weighed by the positions each matrix sees (matmul_params per_token),
+    and a block at depth d adds 12 w_d (T_eff / 2^d) per position of its level, 2^d fewer."""
+    if cfg.arch != "patch_unet":
+        return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * float(t_eff)
+    encoder, decoder, _ = unet_depths(cfg)
+    widths = unet_widths(cfg)
+    levels = sum(widths[k] * 0.25**k for k in encoder + decoder if unet_attends(cfg, k))
+    attention = 12.0 * (levels + cfg.extra_layers * cfg.d_model) * float(t_eff)
+    return 6.0 * matmul_params(cfg, per_token=True) + attention
 
 
 def t_eff(doc_ids: torch.Tensor) -> float:

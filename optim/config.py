@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, fields, replace
 
+from .autoclip import MAX_HISTORY, MIN_HISTORY
+
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "esm2", "constant")
 
@@ -36,7 +38,12 @@ class OptimConfig:
     warmup_steps: int = 1000  # AdamW groups only; Muon groups start at their peak LR
     cooldown_frac: float = 0.4  # wsd: the last fraction of training decays linearly
     min_lr_frac: float = 0.0  # cosine and wsd end at this fraction of the peak
-    grad_clip: float | None = None  # max global grad norm, applied by the runtime; None = off
+    grad_clip: float | str | None = None  # max global grad norm (runtime), "auto" (below), None = off
+    # grad_clip "auto": clip to this percentile of the pre-clip norms of the last
+    # grad_clip_history steps (optim/autoclip.py). 10000 = the speedrun's num_steps: the
+    # default runs clip by their whole history, as the peer; longer ones by the newest 10000.
+    grad_clip_percentile: float = 10.0
+    grad_clip_history: int = 10000
 
     def __post_init__(self):
         # YAML gives lists; a frozen dataclass needs object.__setattr__ to normalise.
@@ -79,8 +86,13 @@ class OptimConfig:
         for key in ("cooldown_frac", "min_lr_frac"):
             if not (_number(getattr(self, key)) and 0 <= getattr(self, key) <= 1):
                 bad(key, "must be a number in [0, 1]")
-        if self.grad_clip is not None and not _positive(self.grad_clip):
-            bad("grad_clip", "must be a positive number, or null to turn clipping off")
+        if self.grad_clip is not None and self.grad_clip != "auto" and not _positive(self.grad_clip):
+            bad("grad_clip", "must be a positive number, auto (a percentile of recent norms), or null to turn clipping off")
+        if not (_number(self.grad_clip_percentile) and 0 < self.grad_clip_percentile <= 100):
+            bad("grad_clip_percentile", "must be a number in (0, 100], e.g. 10")
+        if not (_integer(self.grad_clip_history) and MIN_HISTORY <= self.grad_clip_history <= MAX_HISTORY):
+            bad("grad_clip_history", f"must be a whole number of steps in [{MIN_HISTORY}, {MAX_HISTORY}], e.g. 10000 "
+                f"(clipping starts after {MIN_HISTORY} norms)")
 
     def group_lr(self, role: str) -> float:
         """Peak LR of a parameter role ("embed", "head", "scalar", "hidden")."""
@@ -129,9 +141,12 @@ def default_optim_config(preset_name: str) -> OptimConfig:
     if preset_name == "sample":
         # A CPU run of a few hundred steps: the same recipe with a warm-up that fits in it.
         return OptimConfig(warmup_steps=50)
+    if preset_name == "patch_unet":
+        # SpeedrunningPLMs' example_yamls/patch_unet.yaml: its Adam LRs and a cosine schedule
+        return OptimConfig(lr_embed=0.05, lr_head=0.01, lr_scalar=0.05, lr_hidden=0.05, schedule="cosine")
     raise ValueError(
         f"optim config: no default recipe for model preset {preset_name!r}; "
-        "use an esm2_* preset, speedrun or sample, or give the optim settings explicitly"
+        "use an esm2_* preset, speedrun, sample or patch_unet, or give the optim settings explicitly"
     )
 
 

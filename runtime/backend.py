@@ -2,8 +2,9 @@
 
 The training loop talks to one small interface (docs/INTERFACES.md, runtime/): process group,
 device placement and wrapping, autocast, gradient accumulation, the optimizer step, host reads
-and timing syncs. The base class and CPUBackend live here; CUDABackend in runtime/cuda.py,
-XLABackend in runtime/xla.py, and runtime/devices.py picks one by name.
+and timing syncs. The base class and CPUBackend live here; CUDABackend in runtime/cuda.py and
+NeuronBackend in runtime/neuron.py (what they share in runtime/accelerator.py), XLABackend in
+runtime/xla.py, and runtime/devices.py picks one by name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from optim.autoclip import AutoClip
 from runtime.errors import ConfigError
 
 
@@ -112,9 +114,9 @@ class Backend:
                 # FSDP2's hooks break the graph at every block, so compiling the root would leave
                 # the blocks eager: compile each sharded block in place instead.
                 for block in _blocks(model):
-                    block.compile()
+                    block.compile(**self.compile_options())
         elif self.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, **self.compile_options())
         if self.world_size > 1 and not self.sharded:
             model = nn.parallel.DistributedDataParallel(model, **self.ddp_options())
         return model
@@ -124,6 +126,10 @@ class Backend:
         """FSDP2 is in use: asked for, and more than one process to shard over (on one process
         there is nothing to shard, and the plain model is the same computation)."""
         return self.fsdp and self.world_size > 1
+
+    def compile_options(self) -> dict:
+        """Keyword arguments of torch.compile here (Neuron: its own compiler backend)."""
+        return {}
 
     def ddp_options(self) -> dict:
         return {}
@@ -189,10 +195,11 @@ class Backend:
         """Waits for queued device work; called at timing-window edges only."""
 
     # -- the optimizer step ----------------------------------------------------------------
-    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None,
+    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | AutoClip | None,
                        scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales the gradients by `scale` (train.py: world_size / global target count), clips
-        them to grad_clip (None = no clipping) and steps, unless their norm is not finite: then
+        them to grad_clip (None = no clipping; an AutoClip: its threshold, on the device) and
+        steps, unless their norm is not finite: then
         the update is skipped on the device (found_inf, as fused AdamW and Muon honour it), so
         the host never waits here. Returns (pre-clip global gradient norm, step taken): device
         tensors the caller reads only when it logs."""
@@ -306,14 +313,16 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def scale_and_clip(grads: list[torch.Tensor], grad_clip: float | None, scale, foreach: bool = True):
-    """Multiplies the gradients by `scale`, then clips them to norm grad_clip (None: no clip),
-    in one pass over them (none at all when there is nothing to do). Returns the norm of the
-    scaled gradients, before clipping, as a device tensor (FSDP2: a replicated DTensor)."""
+def scale_and_clip(grads: list[torch.Tensor], grad_clip: float | AutoClip | None, scale, foreach: bool = True):
+    """Multiplies the gradients by `scale`, then clips them to norm grad_clip (None: no clip;
+    an AutoClip records the norm and gives the threshold, a device tensor), in one pass over
+    them (none at all when there is nothing to do). Returns the norm of the scaled gradients,
+    before clipping, as a device tensor (FSDP2: a replicated DTensor)."""
     total = nn.utils.get_total_norm(grads, foreach=foreach)
     scale = _like(total, scale)
     norm = total * scale
-    factor = scale if not grad_clip else scale * (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+    limit = _like(total, grad_clip.clip(_full(norm))) if isinstance(grad_clip, AutoClip) else grad_clip or None
+    factor = scale if limit is None else scale * (limit / (norm + 1e-6)).clamp(max=1.0)
     if not (isinstance(factor, float) and factor == 1.0):
         if foreach:
             torch._foreach_mul_(grads, factor)

@@ -1,25 +1,26 @@
-"""The CUDA backend: NCCL, bf16 autocast, torch.compile and flex attention on NVIDIA GPUs."""
+"""The CUDA backend: NCCL, bf16 autocast, torch.compile and flex attention on NVIDIA GPUs.
+
+What it shares with the Neuron backend (device RNG, sync, peak memory, DDP options, bf16
+autocast) is in runtime/accelerator.py."""
 
 from __future__ import annotations
 
 import torch
 
 from runtime import hardware
-from runtime.backend import Backend
+from runtime.accelerator import AcceleratorBackend
 
 
-class CUDABackend(Backend):
+class CUDABackend(AcceleratorBackend):
     """NCCL DDP or FSDP2, bf16 autocast, torch.compile, flex attention, TF32."""
 
     name = "cuda"
     dist_backend = "nccl"
     compile_default = True
     flex_backward = True
-    muon_dtype = torch.bfloat16
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
-        self.dtype = None if self._option("precision", "auto") == "fp32" else torch.bfloat16
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -38,28 +39,17 @@ class CUDABackend(Backend):
         return {"attn_impl": "flex"} if self.compile else {}
 
     def ddp_options(self) -> dict:
-        return {"device_ids": [self.local_rank], "broadcast_buffers": False, "gradient_as_bucket_view": True}
-
-    def rng_state(self):
-        return {**super().rng_state(), "cuda": torch.cuda.get_rng_state(self.device)}
-
-    def set_rng_state(self, state):
-        super().set_rng_state(state)
-        torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    def sync(self):
-        torch.cuda.synchronize(self.device)
+        return {"device_ids": [self.local_rank], **super().ddp_options()}
 
     def memory_stats(self):
-        return {"mem": torch.cuda.max_memory_allocated(self.device) / 2**30,
-                "mem_reserved": torch.cuda.max_memory_reserved(self.device) / 2**30}
+        return {**super().memory_stats(), "mem_reserved": torch.cuda.max_memory_reserved(self.device) / 2**30}
 
     def reset_peak_memory(self):
         torch.cuda.empty_cache()  # blocks cached by a previous configuration are not its peak
-        torch.cuda.reset_peak_memory_stats(self.device)
+        super().reset_peak_memory()
 
     def peak_flops(self):
-        return hardware.peak_flops(torch.cuda.get_device_name(self.device))
+        return hardware.peak_flops(self.device_name())
 
-    def describe(self):
-        return f"cuda x{self.world_size} ({torch.cuda.get_device_name(self.device)})"
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device)

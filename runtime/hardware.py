@@ -2,8 +2,9 @@
 (cost per 1M tokens) and leaderboard.py (hardware names and cost of a run).
 
 Hardware is named `<count>x <accelerator>`: the count is the run's world size (GPUs, or
-NeuronCores on Trainium) and the accelerator comes from the `device:` line of the run log,
-e.g. "cuda x8 (NVIDIA H100 80GB HBM3)" -> "8x H100-SXM".
+NeuronCores on Trainium: physical ones on trn1, logical ones on trn2/trn3) and the accelerator
+comes from the `device:` line of the run log, e.g. "cuda x8 (NVIDIA H100 80GB HBM3)" ->
+"8x H100-SXM", "neuron x64 (trn2, lnc 2)" -> "64x trn2-NeuronCore-LNC2".
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ ACCELERATORS = (
     ("B300", "B300", 2250e12),
 )
 NEURONCORE = "trn1-NeuronCore"  # world size counts NeuronCores: trn1.2xlarge has 2, trn1.32xlarge 32
+
+# Trainium 2 and 3 (--device neuron, runtime/neuron.py): (names the device may report itself by,
+# chip, dense BF16 FLOP/s of the whole chip, physical NeuronCores per chip). The Neuron docs:
+# Trainium2 has "Eight NeuronCore-v3 that collectively deliver ... 667 BF16/FP16/TF32 TFLOPS",
+# Trainium3 "Eight NeuronCore-v4 cores that collectively deliver ... 671 BF16/FP16/TF32 TFLOPS":
+#   https://awsdocs-neuron.readthedocs-hosted.com/en/latest/about-neuron/arch/neuron-hardware/trainium2.html
+#   https://awsdocs-neuron.readthedocs-hosted.com/en/latest/about-neuron/arch/neuron-hardware/trainium3.html
+# A rank owns one logical NeuronCore of LNC physical cores (LNC is 1 or 2, 2 by default):
+#   https://awsdocs-neuron.readthedocs-hosted.com/en/latest/about-neuron/arch/neuron-features/logical-neuroncore-config.html
+# so its peak is the chip's x LNC / 8: 166.75 TFLOP/s on trn2 at LNC 2. Upstream TorchTitan
+# counts 2 x 79 = 158 TFLOP/s per such device; we use the figure Neuron states.
+NEURON_CHIPS = (
+    (("trn2", "trainium2", "nc_v3"), "trn2", 667e12, 8),
+    (("trn3", "trainium3", "nc_v4"), "trn3", 671e12, 8),
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,23 @@ def peak_flops(device_name: str) -> float | None:
     return hit[1] if hit else None
 
 
+def neuron_chip(device_name: str) -> str | None:
+    """The chip of NEURON_CHIPS ("trn2", "trn3") a Neuron device's name denotes, else None."""
+    name = device_name.lower()
+    return next((chip for keys, chip, _, _ in NEURON_CHIPS if any(k in name for k in keys)), None)
+
+
+def neuron_detail(chip: str, lnc: int) -> str:
+    """The bracketed part of a Neuron run's `device:` line, which accelerator() reads back."""
+    return f"{chip}, lnc {lnc}"
+
+
+def neuroncore_peak_flops(chip: str, lnc: int) -> float:
+    """Dense BF16 peak FLOP/s of one logical NeuronCore (one rank) of `chip` at LNC `lnc`."""
+    _, _, peak, cores = next(row for row in NEURON_CHIPS if row[1] == chip)
+    return peak * lnc / cores
+
+
 def accelerator(device_line: str) -> tuple[int, str]:
     """(count, accelerator) from a run log's `device:` value ("cuda x8 (NVIDIA H100 80GB HBM3)")."""
     m = _DEVICE_LINE.match(device_line.strip())
@@ -91,6 +124,9 @@ def accelerator(device_line: str) -> tuple[int, str]:
     if kind == "cuda":
         hit = _match(detail)
         return count, hit[0] if hit else detail.replace("NVIDIA ", "").replace(" ", "-") or "GPU"
+    if kind == "neuron":  # one rank = one logical NeuronCore
+        chip, _, lnc = detail.partition(", lnc ")
+        return count, f"{chip.strip() or 'neuron'}-NeuronCore-LNC{lnc.strip() or '?'}"
     if kind == "xla":
         hw = detail.split(",")[0].strip().upper()
         return count, NEURONCORE if hw in ("NEURON", "TRN") else f"XLA-{hw or 'device'}"

@@ -20,7 +20,9 @@ train.py never asks which device it runs on:
   closures (after the graph executes); a non-finite step is skipped on the device with
   `torch.where` instead of an `if` on the host.
 * Gradients: all-reduce SUM scaled by 1/world (the `xla` process group rejects AVG), then
-  clipping on the reduced gradients, then a plain (non-fused) optimizer step.
+  clipping on the reduced gradients (`grad_clip: auto` too: its history of norms and the
+  percentile are device tensors in the step's graph, optim/autoclip.py), then a plain
+  (non-fused) optimizer step.
 * Precision (config `precision`; an explicit choice after the Neuron mixed-precision guide):
     fp32         fp32 weights and math;
     bf16 (auto)  fp32 weights and optimizer, `torch.autocast('xla', bf16)` around forward +
@@ -42,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from optim.autoclip import AutoClip
 from runtime.backend import Backend, scale_and_clip
 from runtime.backend import _host as _base_host
 from runtime.errors import ConfigError
@@ -188,10 +191,11 @@ class XLABackend(Backend):
         self._waited = False
         return self._xm.send_cpu_data_to_device(batch, self.device)
 
-    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | None,
+    def optimizer_step(self, model: nn.Module, optimizer, grad_clip: float | AutoClip | None,
                        scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """All-reduce SUM x 1/world, scale and clip, step; a non-finite step is undone on the
-        device. Ends the step's graph. Returns (pre-clip global gradient norm, step taken)."""
+        device (and stays out of an AutoClip's history). Ends the step's graph. Returns
+        (pre-clip global gradient norm, step taken)."""
         params = [p for p in model.parameters() if p.grad is not None]
         if self.world_size > 1:
             # SUM then scale: the xla process group rejects AVG.

@@ -256,7 +256,9 @@ def parse_text(path: str | Path) -> RunLogFile:
                 raise NotARunLog(f"{path} line {lineno}: a config block out of place")
             try:
                 config = yaml.load("\n".join(body), Loader=_PlainYAML) or {}
-            except yaml.YAMLError:
+            # hostile YAML: an integer past Python's digit limit (ValueError) or nesting deep
+            # enough to exhaust the parser's recursion is no config, not a crash
+            except (yaml.YAMLError, ValueError, RecursionError):
                 config = None
             if not isinstance(config, dict):
                 raise NotARunLog(f"{path} line {lineno}: the config block is not a YAML mapping")

@@ -1,8 +1,11 @@
 """training/checkpoint.py: atomic step directories, the last K kept, resolution and refusals."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from model.config import ModelConfig
 from runtime.backend import CPUBackend
 from training import checkpoint
 from training.checkpoint import CheckpointError
@@ -45,9 +48,21 @@ def test_unreadable_or_foreign_checkpoints_are_refused(tmp_path):
 
 
 def test_another_run_is_named_by_its_difference():
-    common = {"model_config": {"n_layers": 2, "d_model": 64}, "identity": {"seed": 0}}
-    checkpoint.check_same_run(common, {"n_layers": 2, "d_model": 64}, {"seed": 0}, "ck")
+    mine = lambda **kw: dataclasses.asdict(ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, **kw))
+    common = {"model_config": mine(), "identity": {"seed": 0}}
+    checkpoint.check_same_run(common, mine(), {"seed": 0}, "ck")
     with pytest.raises(CheckpointError, match="d_model=64 there vs 128 here"):
-        checkpoint.check_same_run(common, {"n_layers": 2, "d_model": 128}, {"seed": 0}, "ck")
+        checkpoint.check_same_run(common, {**mine(), "d_model": 128}, {"seed": 0}, "ck")
     with pytest.raises(CheckpointError, match="training config differs .seed=0 there vs 1 here"):
-        checkpoint.check_same_run(common, {"n_layers": 2, "d_model": 64}, {"seed": 1}, "ck")
+        checkpoint.check_same_run(common, mine(), {"seed": 1}, "ck")
+
+
+def test_a_checkpoint_from_before_a_new_model_field_still_resumes():
+    """A field added later (extra_layers, max_length) is missing from older checkpoints: at its
+    default it describes the same model, anything else is another model."""
+    old = {k: v for k, v in dataclasses.asdict(ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128)).items()
+           if k not in ("extra_layers", "max_length")}
+    ours = dataclasses.asdict(ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128))
+    checkpoint.check_same_run({"model_config": old, "identity": {}}, ours, {}, "ck")
+    with pytest.raises(CheckpointError, match="max_length=0 there vs 512 here"):
+        checkpoint.check_same_run({"model_config": old, "identity": {}}, {**ours, "max_length": 512}, {}, "ck")

@@ -89,6 +89,36 @@ def test_evaluate_is_the_token_weighted_mean_and_batch_size_free(data):
     assert big["tokens"] == count and big["loss"] == pytest.approx(total / count, rel=1e-6)
 
 
+def sequences_and_targets(loader):
+    """Every sequence of the loader as (its tokens as the model sees them, its labels), with
+    the start offset of each in its row."""
+    seqs, starts = [], []
+    for batch in loader:
+        for r in range(batch["doc_ids"].shape[0]):
+            docs = batch["doc_ids"][r]
+            for d in docs[docs >= 0].unique().tolist():
+                where = (docs == d).nonzero().flatten()
+                starts.append(int(where[0]))
+                seqs.append((tuple(batch["input_ids"][r, where].tolist()), tuple(batch["labels"][r, where].tolist())))
+    return seqs, starts
+
+
+def test_aligned_evaluation_rows_move_sequences_but_change_no_target(data):
+    """The Patch UNet's evaluation rows (doc_multiple = 2^merges) start every sequence on the
+    merge grid; every sequence keeps its tokens, masks and targets, and the unigram scores the
+    same."""
+    valid = sorted(data.glob("*_valid_*.bin"))
+    plain, plain_starts = sequences_and_targets(EvalLoader(valid, 2, 256))
+    aligned, aligned_starts = sequences_and_targets(EvalLoader(valid, 2, 256, doc_multiple=8))
+    assert sorted(plain) == sorted(aligned) and len(aligned) == 30
+    assert all(s % 8 == 0 for s in aligned_starts) and any(s % 8 for s in plain_starts)
+    model = Unigram(sorted(data.glob("*_train_*.bin")))
+    assert evaluate(model, EvalLoader(valid, 2, 256, doc_multiple=8), CPUBackend()) == pytest.approx(
+        evaluate(model, EvalLoader(valid, 2, 256), CPUBackend()), rel=1e-6)
+    with pytest.raises(ValueError, match="doc_multiple=3 must be >= 1 and divide seq_len=256"):
+        EvalLoader(valid, 2, 256, doc_multiple=3)
+
+
 def test_splm_batches_follow_the_published_protocol(data):
     valid = sorted(data.glob("*_valid_*.bin"))
     batches = list(splm_batches(valid, max_tokens=64))

@@ -3,10 +3,10 @@
 Walks the source of each project module with `ast` (imports inside functions count too, since
 a lazy import is still an arrow) and fails on an arrow that breaks a rule:
 - data/ imports nothing of the project; model/ and optim/ import at most each other;
-- only runtime/ names a device library (torch_xla, torch_neuronx) or torch.cuda;
+- only runtime/ names a device library (torch_xla, torch_neuronx) or torch.cuda / torch.neuron;
 - runtime/ knows devices only: it imports nothing of the run, the benchmark, the leaderboard,
   the speed benchmark or the Hub;
-- no package imports an entry point (train.py, evaluate.py, bench.py, leaderboard.py);
+- no package imports an entry point (train.py, evaluate.py, bench.py, leaderboard.py, embed.py);
 - no import cycle, between packages or between the modules of one package.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("data", "model", "optim", "runtime", "training", "evaluation", "submissions", "speed", "hub")
-ENTRY_POINTS = ("train", "evaluate", "bench", "leaderboard")
+ENTRY_POINTS = ("train", "evaluate", "bench", "leaderboard", "embed")
 ALLOWED = {  # package -> the project packages it may import (besides itself)
     "data": set(),
     "model": {"optim"},
@@ -57,9 +57,12 @@ def imports(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def uses_torch_cuda(path: Path) -> list[int]:
-    return [n.lineno for n in ast.walk(ast.parse(path.read_text()))
-            if isinstance(n, ast.Attribute) and n.attr == "cuda"
+DEVICE_MODULES = ("cuda", "neuron")  # torch.<device> namespaces
+
+
+def uses_device_module(path: Path) -> list[tuple[int, str]]:
+    return [(n.lineno, n.attr) for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Attribute) and n.attr in DEVICE_MODULES
             and isinstance(n.value, ast.Name) and n.value.id == "torch"]
 
 
@@ -93,8 +96,8 @@ def test_lower_layers_import_only_what_they_may():
 def test_only_runtime_knows_the_device():
     bad = [f"{where(m, line)} imports {t}" for m, line, t in ARROWS
            if top(m) != "runtime" and top(t) in DEVICE_LIBRARIES]
-    bad += [f"{where(m, line)} uses torch.cuda" for m, path in MODULES.items()
-            if top(m) != "runtime" for line in uses_torch_cuda(path)]
+    bad += [f"{where(m, line)} uses torch.{name}" for m, path in MODULES.items()
+            if top(m) != "runtime" for line, name in uses_device_module(path)]
     assert not bad, "device-specific code outside runtime/:\n" + "\n".join(bad)
 
 

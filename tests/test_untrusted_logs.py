@@ -169,6 +169,18 @@ def test_yaml_aliases_in_the_config_are_refused(tmp_path):
         parse_text(log)
 
 
+@pytest.mark.parametrize("value", ["9" * 5000, "[" * 5000 + "]" * 5000], ids=["huge-int", "deep-nesting"])
+def test_a_config_value_that_breaks_the_yaml_parser_is_refused(tmp_path, value):
+    """An integer past Python's digit limit raises ValueError, deep nesting RecursionError,
+    inside the YAML parser: both are "not a mapping", never a traceback."""
+    text = KEPT.read_text()
+    start = text.index(f"{BAR}\nconfig\n{BAR}\n") + len(f"{BAR}\nconfig\n{BAR}\n")
+    log = tmp_path / "hostile.txt"
+    log.write_text(text[:start] + f"zz: {value}\n" + text[start:])
+    with pytest.raises(NotARunLog, match="the config block is not a YAML mapping"):
+        parse_text(log)
+
+
 def test_a_jsonl_line_that_is_not_an_object_is_refused(tmp_path):
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text(KEPT.with_suffix(".jsonl").read_text() + "[1, 2]\n")

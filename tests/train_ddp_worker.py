@@ -1,10 +1,11 @@
 """Worker of test_train_distributed: a few train.py steps on fixed global batches.
 
-    torchrun --nproc_per_node=W tests/train_ddp_worker.py OUT GRAD_ACCUM OPTIMIZER [fsdp]
+    torchrun --nproc_per_node=W tests/train_ddp_worker.py OUT GRAD_ACCUM OPTIMIZER [fsdp] [weighted]
 
 Every step has the same 8 global rows; rank r takes rows [r*8/W, (r+1)*8/W) and splits them
 into GRAD_ACCUM micro-batches, so any (W, GRAD_ACCUM) sees exactly the same data. Rows carry
-very different numbers of targets, so a wrong loss normalisation shows.
+very different numbers of targets, so a wrong loss normalisation shows. `weighted`: the rows
+are masked-diffusion batches (each target weighted 1/rate of its row, every residue counted).
 """
 
 import faulthandler
@@ -33,7 +34,14 @@ def global_batch(step: int) -> dict:
     rates = torch.linspace(0.02, 0.6, ROWS).view(ROWS, 1)  # 1 to ~38 targets per row
     chosen = (torch.rand(ROWS, L, generator=g) < rates) & (ids >= 4)
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    return {"input_ids": torch.where(chosen, torch.full_like(ids, 32), ids), "labels": labels, "doc_ids": doc_ids}
+    batch = {"input_ids": torch.where(chosen, torch.full_like(ids, 32), ids), "labels": labels, "doc_ids": doc_ids}
+    if WEIGHTED:
+        batch["loss_weights"] = torch.where(chosen, 1 / rates, 0.0)
+        batch["loss_counted"] = ids >= 4
+    return batch
+
+
+WEIGHTED = "weighted" in sys.argv[4:]
 
 
 def main(out: str, grad_accum: int, optimizer_name: str, fsdp: bool = False) -> None:
@@ -72,4 +80,4 @@ def train(backend, out: str, grad_accum: int, optimizer_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["fsdp"])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], "fsdp" in sys.argv[4:])

@@ -9,6 +9,7 @@ temporary name and renamed only when complete, so a killed save never looks like
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from model.config import ModelConfig
 from model.io import UnsafeFileError, load_file
 from runtime.errors import ConfigError
 
@@ -137,8 +139,11 @@ def _load(file: Path):
 
 
 def check_same_run(common: dict, model_config: dict, identity: dict, path: Path) -> None:
-    """Refuses a checkpoint of another model or config, naming the first differences."""
-    for what, theirs, ours in (("model config", common["model_config"], model_config),
+    """Refuses a checkpoint of another model or config, naming the first differences. A model
+    field added after the checkpoint was written counts at its default (which keeps the model
+    it describes unchanged), so older checkpoints of the same run still resume."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for what, theirs, ours in (("model config", {**defaults, **common["model_config"]}, model_config),
                                ("training config", common["identity"], identity)):
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
         if diff:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from runtime.devices import DEVICES
 from runtime.errors import ConfigError
 from submissions.tracks import TRACKS
 
@@ -36,10 +37,22 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 1024  # row length L of every batch
     crop: str = "random"  # documents longer than max_length: "random" crop or "split"
+    # patch_unet: each document starts at a multiple of 2^(its merges), padding between, so no
+    # merged token of any level mixes two documents (docs/models.md, "Patch UNet")
+    align_docs: bool = False
     mask_rule: str = "all_mask"  # "esm2" (80/10/10) | "all_mask"
     mask_rate: float = 0.2
     mask_rate_start: float = 0.0  # > 0: linear schedule from this rate ...
-    mask_rate_steps: int = 0  # ... to mask_rate over this many steps
+    mask_rate_steps: int = 0  # ... to mask_rate over this many steps (with masked_diffusion: the warm-up)
+    # true: masked diffusion (rate t ~ U[1e-3, 1), all <mask>, loss weight 1/t) from step
+    # mask_rate_steps on, the masking above before it (docs/training.md, "Masked diffusion")
+    masked_diffusion: bool = False
+    diffusion_rate_per: str = "sequence"  # one rate per "sequence" (document) or per micro-"batch"
+    # sliding-window attention (docs/training.md): > 0, a query attends only to keys at most
+    # this many positions away (in its document); 0 = whole documents
+    attn_window: int = 0
+    attn_window_start: int = 0  # > 0: the window grows linearly from this to attn_window ...
+    attn_window_steps: int = 0  # ... over this many optimizer steps
     # schedule of the run
     num_steps: int = 10000
     steps_this_run: int = 0  # > 0: stop (with a checkpoint) after this many steps, to resume later
@@ -51,8 +64,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_skipped_steps: int = 5  # non-finite steps in a row before the run stops
     # runtime
-    device: str = "auto"  # auto | cuda | cpu | xla
-    precision: str = "auto"  # auto (bf16 on cuda/xla, fp32 on cpu) | bf16 | fp32 | bf16_sr (XLA: bf16 weights)
+    device: str = "auto"  # auto (cuda, else neuron, else cpu) | cuda | cpu | neuron (trn2/trn3) | xla (trn1)
+    precision: str = "auto"  # auto (bf16 on cuda/neuron/xla, fp32 on cpu) | bf16 | fp32 | bf16_sr (XLA: bf16 weights)
     compile: str = "auto"  # auto (on for cuda) | true | false; true works on the CPU too
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP with several processes; not on xla
     seed: int = 0
@@ -85,20 +98,33 @@ class TrainConfig:
         """The keys a resumed run must share with its checkpoint to continue the same run."""
         keys = ("model", "model_args", "optim", "data", "batch_size", "grad_accum", "max_length",
                 "crop", "mask_rule", "mask_rate", "mask_rate_start", "mask_rate_steps", "seed")
-        return {k: getattr(self, k) for k in keys}
+        # keys added later count only when set, so checkpoints written before them still resume
+        later = ("masked_diffusion", "diffusion_rate_per", "attn_window", "attn_window_start",
+                 "attn_window_steps", "align_docs")
+        return {**{k: getattr(self, k) for k in keys},
+                **{k: getattr(self, k) for k in later if getattr(self, k) != _FIELDS[k].default}}
+
+    def attn_window_at(self, step: int) -> int:
+        """The attention window of optimizer step `step` (0 = whole documents): attn_window, or
+        with attn_window_start a linear growth to it over attn_window_steps, rounded down."""
+        if not self.attn_window_start:
+            return self.attn_window
+        done = min(step, self.attn_window_steps)
+        return self.attn_window_start + (self.attn_window - self.attn_window_start) * done // self.attn_window_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"device": ("auto", "cuda", "cpu", "xla"), "precision": ("auto", "bf16", "bf16_sr", "fp32"),
+_CHOICES = {"device": DEVICES, "precision": ("auto", "bf16", "bf16_sr", "fp32"),
             "compile": ("auto", "true", "false"), "crop": ("random", "split"),
-            "mask_rule": ("esm2", "all_mask")}
+            "mask_rule": ("esm2", "all_mask"), "diffusion_rate_per": ("sequence", "batch")}
 _POSITIVE = ("batch_size", "grad_accum", "max_length", "num_steps", "log_every",
              "eval_batch_size", "keep_checkpoints", "max_skipped_steps")
 _NON_NEGATIVE = ("steps_this_run", "eval_every", "eval_max_batches", "save_every",
-                 "num_chunks", "mask_rate_steps", "seed")
+                 "num_chunks", "mask_rate_steps", "seed", "attn_window", "attn_window_start",
+                 "attn_window_steps")
 
 
 def load_config(argv: list[str]) -> TrainConfig:
@@ -120,6 +146,9 @@ def load_config(argv: list[str]) -> TrainConfig:
     cfg.config_file = str(path)
     if "optim.warmup_steps" not in overrides:  # the only way to set it on the command line
         _fit_warmup(cfg)
+    if 0 < cfg.attn_window < cfg.max_length - 1:
+        cfg.notes = (*cfg.notes, f"note: attn_window={cfg.attn_window} is narrower than the rows "
+                         f"(max_length {cfg.max_length}); evaluation attends whole documents, as the benchmark defines")
     return cfg
 
 
@@ -243,6 +272,23 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key {key!r} is {getattr(cfg, key)}; it must be in [0, 1].")
     if cfg.mask_rate <= 0:
         raise ConfigError(f"config key 'mask_rate' is {cfg.mask_rate}; it must be > 0 or there is nothing to learn.")
+    if cfg.masked_diffusion and cfg.mask_rate_steps >= cfg.num_steps:
+        raise ConfigError(f"--mask_rate_steps {cfg.mask_rate_steps} (the warm-up before masked diffusion) leaves no "
+                          f"diffusion step in a {cfg.num_steps}-step run; use fewer than num_steps.")
+    if cfg.attn_window_start and not 0 < cfg.attn_window_start <= cfg.attn_window:
+        raise ConfigError(f"--attn_window_start {cfg.attn_window_start} must lie in 1..attn_window "
+                          f"({cfg.attn_window}): the window grows from it to attn_window; set --attn_window.")
+    if bool(cfg.attn_window_start) != bool(cfg.attn_window_steps):
+        raise ConfigError(f"--attn_window_start ({cfg.attn_window_start}) and --attn_window_steps "
+                          f"({cfg.attn_window_steps}) go together: the window grows from the first over the "
+                          "second many steps; set both, or neither for a fixed window.")
+    patch_unet = model_arch(cfg) == "patch_unet"
+    if patch_unet and cfg.max_length & (cfg.max_length - 1):
+        raise ConfigError(f"--max_length {cfg.max_length}: a patch_unet model halves its rows at every level, so "
+                          f"they must be a power of two tokens, e.g. {1 << (cfg.max_length - 1).bit_length()}.")
+    if cfg.align_docs and not patch_unet:
+        raise ConfigError("--align_docs lays documents out for the Patch UNet's merges; use it with "
+                          "--model patch_unet (arch patch_unet) only.")
     if cfg.track and cfg.track not in TRACKS:
         raise ConfigError(f"--track {cfg.track!r} is not a leaderboard track; use one of {', '.join(TRACKS)} or leave it empty.")
     if cfg.track and TRACKS[cfg.track].data != cfg.data:
@@ -252,15 +298,38 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume {cfg.resume!r} is not a checkpoint directory; use --resume auto or a path under {cfg.checkpoint_dir}/.")
 
 
+def model_arch(cfg: TrainConfig) -> str | None:
+    """The architecture the run's model preset and model_args name (None: unknown preset)."""
+    from model.config import PRESETS
+
+    return cfg.model_args.get("arch", PRESETS.get(cfg.model, {}).get("arch"))
+
+
 def model_config(cfg: TrainConfig, **backend_defaults):
     """The ModelConfig of the run: preset, then the backend's defaults (e.g. flex attention
-    on CUDA), then the user's model_args, which win."""
+    on CUDA), then the user's model_args, which win. A Patch UNet is built for the run's rows."""
     from model import get_config
 
+    args = {**backend_defaults, **cfg.model_args}
+    if model_arch(cfg) == "patch_unet":
+        if args.get("max_length", cfg.max_length) != cfg.max_length:
+            raise ConfigError(f"--model_args.max_length {args['max_length']} differs from --max_length "
+                              f"{cfg.max_length}; a patch_unet model is built for the run's rows: drop it.")
+        args["max_length"] = cfg.max_length
     try:
-        return get_config(cfg.model, **{**backend_defaults, **cfg.model_args})
+        return get_config(cfg.model, **args)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+
+
+def doc_multiple(cfg: TrainConfig) -> int:
+    """Where the training loader starts each document (data.packing.span): at multiples of
+    2^merges of the Patch UNet with align_docs, anywhere (1) otherwise."""
+    if not cfg.align_docs:
+        return 1
+    from model.config import doc_alignment
+
+    return doc_alignment(model_config(cfg))
 
 
 def optim_config(cfg: TrainConfig):
