@@ -141,8 +141,9 @@ def test_on_xla_every_batch_is_one_graph():
     model, _ = tiny_model("speedrun")
     seqs = random_sequences(40, seed=1)  # 14 rows: 5 batches of 3, the last one with a row of padding
     fp32 = embed(model, seqs, max_length=256, batch_tokens=768, progress=False)
+    before = backend.compile_count()  # the lane's earlier tests compiled in this process too
     got = embed(model.to(backend.device), seqs, max_length=256, batch_tokens=768, backend=backend, progress=False)
-    assert backend.compile_count() == 1
+    assert backend.compile_count() - before == 1
     assert got.dtype == np.float32 and np.abs(got - fp32).max() / np.abs(fp32).max() < 3e-2  # bf16 autocast
 
 
