@@ -125,7 +125,9 @@ def switches(cfg: dict, varying: set[str]) -> list[str]:
 
 def _varying_keys(configs: list[dict]) -> set:
     keys = {k for c in configs for k in c} - set(IN_COLUMNS) - set(NOT_RECIPE) - set(RUN_KEYS)
-    return {k for k in keys if len({_canonical(c.get(k)) for c in configs}) > 1}
+    # a key missing from some logs (written before it existed) varies only if the logs that
+    # hold it disagree: the older runs ran at its default, which the newer ones name
+    return {k for k in keys if len({_canonical(c[k]) for c in configs if k in c}) > 1}
 
 
 def _canonical(v) -> str:
