@@ -37,8 +37,11 @@ def test_step_lines_carry_every_field(run):
         assert list(s)[: len(STEP_KEYS)] == STEP_KEYS
         assert s["mfu"] == "n/a"  # no known CPU peak
         assert math.isfinite(float(s["loss"]))
-        # the padding fraction agrees with the two throughputs
-        assert float(s["pad"]) == pytest.approx(1 - float(s["tok/s"]) / float(s["tok/s_all"]), abs=2e-4)
+        # the padding fraction agrees with the two throughputs, as far as their printing allows:
+        # each is a whole number of tok/s (off by up to 0.5), which moves their ratio by up to
+        # 1/tok/s_all (a slow machine prints small ones), and pad has 4 decimals
+        printed = 1.0 / float(s["tok/s_all"]) + 5e-5
+        assert float(s["pad"]) == pytest.approx(1 - float(s["tok/s"]) / float(s["tok/s_all"]), abs=printed)
 
 
 def test_eval_lines_and_ppl_is_exp_loss(run):
