@@ -57,8 +57,8 @@ class HFMaskedLM(nn.Module):
 
 def load_checkpoint_model(path: str, device_attention: str = "sdpa") -> nn.Module:
     """Our model from a weights file or a training checkpoint (step or run directory). A model
-    trained with flex attention (compiled, on a GPU) runs with `device_attention`, the one the
-    evaluating device picks, when that is not flex: the weights do not depend on it."""
+    trained with another device's attention (flex on a GPU, varlen on the CPU) runs with
+    `device_attention`, the one the evaluating device picks: the weights do not depend on it."""
     from model import build_model
     from model.io import load_state_dict_checked, load_weights
 
@@ -66,7 +66,7 @@ def load_checkpoint_model(path: str, device_attention: str = "sdpa") -> nn.Modul
         cfg, state = load_weights(weights_file(path))
     except ValueError as e:  # CheckpointError is one too
         raise ConfigError(f"--checkpoint {e}") from None
-    if cfg.attn_impl == "flex" and device_attention != "flex":
+    if cfg.attn_impl in ("flex", "varlen", "sdpa") and device_attention != cfg.attn_impl:
         cfg = dataclasses.replace(cfg, attn_impl=device_attention)
     model = build_model(cfg)
     load_state_dict_checked(model, state)

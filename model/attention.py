@@ -2,10 +2,13 @@
 
 A row holds whole documents back to back; `doc_ids` (B, L) numbers them 0, 1, 2, ... and marks
 padding -1. Everything here uses fixed-shape ops (scatter/gather, no boolean indexing or
-data-dependent shapes) so that the same code compiles to one graph on XLA.
+data-dependent shapes) so that the same code compiles to one graph on XLA, except the
+"varlen" implementation, which cuts rows into documents on the host (eager CPU runs only).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +110,54 @@ def flex_block_mask(doc_ids: torch.Tensor, window=None):
     return create_block_mask(same_doc if window is None else same_doc_near, B, None, L, L, device=doc_ids.device)
 
 
+class DocRuns(NamedTuple):
+    """The varlen plan: the (B, L) rows read as one stream of runs (a document, or a row's
+    padding), with each run's length, whether it is padding, and its window mask (or None)."""
+
+    lengths: list
+    padding: list
+    masks: list
+
+
+def doc_runs(doc_ids: torch.Tensor, window=None) -> DocRuns:
+    """Cuts every row into its runs of equal ids (a run never crosses a row end). Reads the ids
+    on the host, so the shapes it gives depend on the data: eager execution only."""
+    B, L = doc_ids.shape
+    flat = doc_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::L] = True
+    first = starts.nonzero().flatten()
+    lengths = torch.diff(first, append=first.new_tensor([B * L])).tolist()
+    padding = (flat[first] < 0).tolist()
+    cache: dict = {}
+    masks = [None if window is None or pad else cache.setdefault(n, window_mask(n, window, doc_ids.device))
+             for n, pad in zip(lengths, padding)]
+    return DocRuns(lengths, padding, masks)
+
+
+def varlen_attention(q, k, v, runs: DocRuns):
+    """Attention document by document: one SDPA call per run, with no mask (its fast kernels),
+    so the cost is sum(l_i^2) over the documents instead of rows x L^2. Padding positions get
+    zeros (they attend to nothing real and nothing real attends to them)."""
+    B, H, L, D = q.shape
+    flat = lambda t: torch.split(t.transpose(1, 2).reshape(B * L, H, D), runs.lengths)
+    heads = lambda t: t.transpose(0, 1)[None]  # (n, H, D) -> (1, H, n, D), a view
+    out = [
+        torch.zeros_like(qi) if pad else
+        F.scaled_dot_product_attention(heads(qi), heads(ki), heads(vi), attn_mask=m)[0].transpose(0, 1)
+        for qi, ki, vi, pad, m in zip(flat(q), flat(k), flat(v), runs.padding, runs.masks)
+    ]
+    return torch.cat(out).view(B, L, H, D).transpose(1, 2)
+
+
 def build_mask(doc_ids: torch.Tensor, impl: str, window=None):
     """The mask object `attend` expects for this implementation, built once per forward.
     window: None (whole documents) or the largest |query - key| a query may attend to."""
     if impl == "flex":
         return flex_block_mask(doc_ids, window)
+    if impl == "varlen":
+        return doc_runs(doc_ids, window)
     mask = doc_mask(doc_ids)
     return mask if window is None else mask & window_mask(doc_ids.shape[1], window, doc_ids.device)
 
@@ -129,4 +175,6 @@ def attend(q, k, v, mask, impl: str):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if impl == "flex":
         return flex_attention(q, k, v, block_mask=mask)
+    if impl == "varlen":
+        return varlen_attention(q, k, v, mask)
     return reference_attention(q, k, v, mask)

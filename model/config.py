@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 
 ARCHS = ("esm2", "speedrun", "patch_unet")
-ATTN_IMPLS = ("sdpa", "flex", "reference")
+ATTN_IMPLS = ("sdpa", "flex", "varlen", "reference")
 ACTIVATIONS = ("gelu", "relu2")
 NORMS = ("layer", "rms")
 
@@ -38,7 +38,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     token_dropout: bool = True  # zero <mask> embeddings; ESM2 also rescales per document
-    attn_impl: str = "sdpa"  # chosen by runtime/: "flex" is the CUDA fast path
+    attn_impl: str = "sdpa"  # chosen by runtime/: "flex" on CUDA compiled, "varlen" on the eager CPU
     # Speedrun switches (each one flag for an ablation); ESM2_SWITCHES turns them all off.
     norm: str = "rms"  # weightless RMSNorm, or weightless LayerNorm
     qk_norm: bool = True

@@ -40,6 +40,7 @@ class Backend:
     compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
     flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
     graphs_only = False  # XLA under neuron_parallel_compile: every value read back is 0
+    host_batches = False  # the model reads its batches on the host (the CPU): varlen attention
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -96,6 +97,10 @@ class Backend:
         if mcfg.attn_impl == "flex" and not self.flex_backward:
             raise ConfigError(f"attn_impl 'flex' cannot be trained on {self.name} (flex attention's backward "
                               "runs only on CUDA); use --model_args.attn_impl sdpa.")
+        if mcfg.attn_impl == "varlen" and (self.compile or not self.host_batches):
+            where = "a compiled model" if self.compile else f"{self.name}, whose batches live on the device"
+            raise ConfigError(f"attn_impl 'varlen' cuts every batch into its documents on the host, new shapes "
+                              f"each batch, which {where} cannot take; use --model_args.attn_impl sdpa.")
 
     def prepare_model(self, model: nn.Module, cfg=None) -> nn.Module:
         """To the device; FSDP2 (when fsdp and several processes) or DDP; torch.compile when on.
@@ -302,9 +307,16 @@ class Backend:
 class CPUBackend(Backend):
     """fp32 (or bf16 autocast when asked), gloo DDP when world_size > 1."""
 
+    host_batches = True
+
     def __init__(self, cfg=None):
         super().__init__(cfg)
         self.dtype = torch.bfloat16 if self._option("precision", "auto") == "bf16" else None
+
+    def model_defaults(self) -> dict:
+        # Eager: attention document by document, unmasked (BENCHMARKS.md, "Attention that costs
+        # what the documents cost"); compiled, the dense masked SDPA keeps one graph.
+        return {} if self.compile else {"attn_impl": "varlen"}
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

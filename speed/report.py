@@ -17,7 +17,8 @@ COLUMNS = {
     "accelerator": "runtime/hardware.py name of the device (H100-SXM, trn1-NeuronCore, CPU)",
     "torch": "torch version",
     "preset": "model preset (with --model_args overrides, if any)",
-    "impl": "ours (packed rows) | hf (EsmForMaskedLM, padded batches)",
+    "impl": "ours (packed rows) | hf (EsmForMaskedLM, padded batches) | hf_grouped (the same, "
+            "length-grouped batches: Trainer's group_by_length)",
     "params": "parameters",
     "dtype": "fp32 | bf16 (autocast)",
     "attn": "our attention implementation (HF: sdpa)",
@@ -98,8 +99,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-def _hf_of(rs: list[dict]) -> dict:
-    return {_key(r, r["batch"], r["seq_len"]): r for r in rs if r["impl"] == "hf" and r["status"] == "ok"}
+def _hf_of(rs: list[dict], impl: str = "hf") -> dict:
+    return {_key(r, r["batch"], r["seq_len"]): r for r in rs if r["impl"] == impl and r["status"] == "ok"}
 
 
 def _ratio(r: dict, hf: dict, field: str, also: str | None = None) -> str:
@@ -117,23 +118,24 @@ def _train_table(rs: list[dict]) -> str:
     rs = [r for r in rs if r["mode"] == "train"]
     if not rs:
         return ""
-    hf = _hf_of(rs)
+    hf, grouped = _hf_of(rs), _hf_of(rs, "hf_grouped")
     lines = ["Training (forward + backward + AdamW step):", "",
              "| model | impl | params | B x L | residues/s | residues/CPU-s | tokens/s | padding | MFU "
-             "| peak GiB | step ms p50 / p99 | $ / 1M tokens | ours / HF |",
-             "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| peak GiB | step ms p50 / p99 | $ / 1M tokens | ours / HF | ours / HF grouped |",
+             "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rs:
         bad = _bad(r)
         name = f"| {r['preset']} | {r['impl']} | {_params(r)} | {r['batch']} x {r['seq_len']} |"
         if bad:
-            lines.append(f"{name} {bad} |" + " |" * 8 + (f" {r['status']} |" if bad == "error" else " |"))
+            lines.append(f"{name} {bad} |" + " |" * 9 + (f" {r['status']} |" if bad == "error" else " |"))
             continue
         mfu = number(r["mfu"])
         lines.append(
             f"{name} {fmt(r['residues_per_s'])} | {fmt(r['residues_per_cpu_s'])} | {fmt(r['tokens_per_s'])} "
             f"| {number(r['padding']):.1%} | {f'{mfu:.1%}' if mfu is not None else r['mfu']} "
             f"| {fmt(r['mem_gib'], 2)} | {fmt(r['ms_p50'])} / {fmt(r['ms_p99'])} "
-            f"| {_money(r['usd_per_1m_tokens'])} | {_ratio(r, hf, 'residues_per_s', 'residues_per_cpu_s')} |")
+            f"| {_money(r['usd_per_1m_tokens'])} | {_ratio(r, hf, 'residues_per_s', 'residues_per_cpu_s')} "
+            f"| {_ratio(r, grouped, 'residues_per_s', 'residues_per_cpu_s')} |")
     return "\n".join(lines)
 
 
@@ -181,22 +183,23 @@ def _infer_table(rs: list[dict]) -> str:
     rs = [r for r in rs if r["mode"] == "infer"]
     if not rs:
         return ""
-    hf = _hf_of(rs)
+    hf, grouped = _hf_of(rs), _hf_of(rs, "hf_grouped")
     lines = ["Inference, every batch size (ours: B packed rows per call; HF: B padded sequences per call):", "",
              "| model | impl | B x L | seq/s | residues/s | residues/CPU-s | padding | seq per call "
-             "| call ms p50 / p99 | peak GiB | $ / 1M inferences | ours / HF |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| call ms p50 / p99 | peak GiB | $ / 1M inferences | ours / HF | ours / HF grouped |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rs:
         name = f"| {r['preset']} | {r['impl']} | {r['batch']} x {r['seq_len']} |"
         bad = _bad(r)
         if bad:
-            lines.append(f"{name} {bad} |" + " |" * 8)
+            lines.append(f"{name} {bad} |" + " |" * 9)
             continue
         lines.append(
             f"{name} {fmt(r['seqs_per_s'], 1)} | {fmt(r['residues_per_s'])} | {fmt(r['residues_per_cpu_s'])} "
             f"| {number(r['padding']):.1%} | {fmt(r['seqs_per_call'], 1)} | {fmt(r['ms_p50'], 1)} / "
             f"{fmt(r['ms_p99'], 1)} | {fmt(r['mem_gib'], 2)} | {_money(r['usd_per_1m_inferences'])} "
-            f"| {_ratio(r, hf, 'seqs_per_s', 'residues_per_cpu_s')} |")
+            f"| {_ratio(r, hf, 'seqs_per_s', 'residues_per_cpu_s')} "
+            f"| {_ratio(r, grouped, 'seqs_per_s', 'residues_per_cpu_s')} |")
     return "\n".join(lines)
 
 
@@ -212,7 +215,7 @@ def sort_rows(rows: list[dict]) -> list[dict]:
         n = number(r["params"])
         if n is not None:
             size[r["preset"]] = min(size.get(r["preset"], n), n)
-    order = {"ours": 0, "hf": 1}
+    order = {"ours": 0, "hf": 1, "hf_grouped": 2}
     return sorted(rows, key=lambda r: (size.get(r["preset"], float("inf")), r["preset"],
                                        int(r["seq_len"]), int(r["batch"]), order.get(r["impl"], 2)))
 

@@ -35,7 +35,7 @@ def brute_force(q, k, v, doc_ids, window):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("impl", ["sdpa", "reference", "flex"])
+@pytest.mark.parametrize("impl", ["sdpa", "reference", "flex", "varlen"])
 @pytest.mark.parametrize("window", [0, 1, 3, 7, L - 1])
 def test_window_attention_agrees_with_a_float64_brute_force(impl, window):
     torch.manual_seed(window)

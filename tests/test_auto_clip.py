@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_host_reads import counted  # noqa: F401  (a fixture: every host read of a step, counted)
+from test_host_reads import ACCELERATOR_ATTENTION, counted  # noqa: F401  (a fixture: every host read of a step, counted)
 from train_support import ROOT, TINY, TWO_RANKS, losses, run_train, write_tiny_shards
 
 from optim.autoclip import MIN_HISTORY, AutoClip, percentile
@@ -192,7 +192,7 @@ def test_the_step_line_logs_the_threshold_and_resume_restores_the_history(tmp_pa
 def test_steps_that_do_not_log_read_nothing_from_the_device_with_auto_clipping(tmp_path, counted):  # noqa: F811
     train, seen = counted
     data = write_tiny_shards(tmp_path / "data", n_train=80)
-    rc = train.main([*TINY, "--data", str(data), "--log_dir", str(tmp_path / "logs"),
+    rc = train.main([*TINY, *ACCELERATOR_ATTENTION, "--data", str(data), "--log_dir", str(tmp_path / "logs"),
                      "--checkpoint_dir", str(tmp_path / "ckpt"), "--log_name", "reads",
                      "--num_steps", "14", "--log_every", "7", "--optim.grad_clip", "auto"])
     assert rc == 0

@@ -47,9 +47,10 @@ def test_a_run_writes_every_column_and_sane_numbers(tiny_run):
     out, rows = tiny_run
     with open(out / "run-cpu.csv", newline="") as f:
         assert next(csv.reader(f)) == list(models.COLUMNS)
+    shapes = (("train", "1"), ("train", "2"), ("infer", "1"), ("infer", "2"), ("realtime", "1"))
     assert {(r["impl"], r["mode"], r["batch"]) for r in rows} == {
-        (impl, mode, b) for impl in ("ours", "hf")
-        for mode, b in (("train", "1"), ("train", "2"), ("infer", "1"), ("infer", "2"), ("realtime", "1"))}
+        (impl, mode, b) for impl in ("ours", "hf", "hf_grouped") for mode, b in shapes
+        if not (impl == "hf_grouped" and mode == "realtime")}  # batch 1 has no padding to group away
     for r in rows:
         assert r["status"] == "ok", r
         for key in ("residues_per_s", "tokens_per_s", "positions_per_s", "seqs_per_s", "mem_gib"):
@@ -61,6 +62,21 @@ def test_a_run_writes_every_column_and_sane_numbers(tiny_run):
     md = (out / "run-cpu.md").read_text()
     assert "| esm2_8m n_layers=1 d_model=32 n_heads=2 d_ff=64 | ours |" in md
     assert "x (" in md  # the ours / HF ratio, wall and CPU time
+
+
+def test_hf_grouped_sorts_a_megabatch_by_length_and_pads_less():
+    wl = models.Workload(512, seed=3)
+    step = models.HFGrouped.steps(wl, 4, static=False)
+    calls = step.calls
+    assert len(calls) >= models.HFGrouped.MEGABATCH and all(b["input_ids"].shape[0] <= 4 for b in calls)
+    lengths = [int(n) for b in calls for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths, reverse=True)  # longest first, as Trainer's megabatches
+    assert all(b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) for b in calls)
+    grouped = models._sum_counts(step)
+    plain = models._sum_counts(models.HF.steps(models.Workload(512, seed=3), 4, static=False))
+    assert grouped["tokens"] / grouped["positions"] > plain["tokens"] / plain["positions"]
+    static = models.HFGrouped.steps(models.Workload(512, seed=3), 4, static=True)
+    assert {tuple(b["input_ids"].shape) for b in static.calls} == {(4, 512)}
 
 
 def test_hf_gets_the_same_residues_and_masks_as_ours():

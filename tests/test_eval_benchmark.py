@@ -173,7 +173,14 @@ def test_hf_model_and_its_imported_checkpoint_score_the_same(tmp_path, data, cap
     theirs = printed(capsys.readouterr().out)
     assert evaluate_py.main(["--checkpoint", str(tmp_path / "imported.pt"), *common]) == 0
     ours = printed(capsys.readouterr().out)
-    assert ours == theirs  # every metric, to the printed precision
+    # every metric, to the printed precision (4 decimals): our CPU attention sums in another
+    # order than HF's masked SDPA, which may move a last digit by one; counts are exact
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        if re.match(r"^\d+$", theirs[key]):
+            assert ours[key] == theirs[key], key
+        else:
+            assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=1.01e-4), key
     assert float(ours["valid_loss"]) > 2.5 and re.match(r"^\d+$", ours["valid_tokens"])
 
 

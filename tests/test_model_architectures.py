@@ -34,9 +34,10 @@ def document(length, n_mask, seed):
     return ids
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
 @pytest.mark.parametrize("arch", ["esm2", "speedrun"])
-def test_packed_row_equals_documents_run_alone(arch):
-    model = randomized(tiny(arch))
+def test_packed_row_equals_documents_run_alone(arch, impl):
+    model = randomized(tiny(arch, attn_impl=impl))
     # very different <mask> shares per document: ESM2's rescale must be per document
     a, b = document(9, 4, seed=1), document(13, 0, seed=2)
     packed = torch.cat([a, b, torch.ones(2, dtype=torch.long)])[None]
@@ -69,10 +70,11 @@ def test_attention_implementations_agree_in_the_model(arch):
     doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
     outs = {}
     with torch.no_grad():
-        for impl in ("sdpa", "reference"):
+        for impl in ("sdpa", "reference", "varlen"):
             model.cfg.attn_impl = impl
             outs[impl], _ = model(ids, doc_ids)
     assert torch.allclose(outs["sdpa"], outs["reference"], atol=1e-5)
+    assert torch.allclose(outs["varlen"], outs["reference"], atol=1e-5)  # no padding here
 
 
 @pytest.mark.parametrize("arch", ["esm2", "speedrun"])

@@ -141,9 +141,13 @@ def _load(file: Path):
 def check_same_run(common: dict, model_config: dict, identity: dict, path: Path) -> None:
     """Refuses a checkpoint of another model or config, naming the first differences. A model
     field added after the checkpoint was written counts at its default (which keeps the model
-    it describes unchanged), so older checkpoints of the same run still resume."""
+    it describes unchanged), so older checkpoints of the same run still resume. The attention
+    implementation is no part of the model (the weights do not depend on it): a run may resume
+    with another one, as on another device."""
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    for what, theirs, ours in (("model config", {**defaults, **common["model_config"]}, model_config),
+    model_only = lambda c: {k: v for k, v in c.items() if k != "attn_impl"}
+    for what, theirs, ours in (("model config", model_only({**defaults, **common["model_config"]}),
+                                model_only(model_config)),
                                ("training config", common["identity"], identity)):
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
         if diff:
