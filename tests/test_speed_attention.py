@@ -1,0 +1,28 @@
+"""python -m speed.attention: one row per implementation and shape, ratios against the first."""
+
+from __future__ import annotations
+
+import pytest
+
+from speed import attention
+
+
+def test_prints_one_row_per_implementation_with_ratios(capsys):
+    attention.main(["--presets", "sample", "--shapes", "2x64", "--reps", "1", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| sample")]
+    assert [r[3].strip() for r in rows] == ["sdpa", "varlen"]
+    first, second = ([c.strip() for c in r] for r in rows)
+    assert first[5] == "1.00" and first[7] == "1.00"  # the first implementation is the unit
+    # the ratio is of the unrounded medians: within what printing to 0.1 ms allows
+    assert float(second[4]) > 0 and float(second[5]) == pytest.approx(float(second[4]) / float(first[4]), rel=0.1)
+    assert 0 < float(first[2]) <= 1  # the share of the dense scores the documents need
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "4by1024"], "BxL items such as 4x1024"),
+    (["--impls", "flex"], "comma list of sdpa, varlen, reference"),
+])
+def test_bad_options_end_in_one_sentence(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        attention.main(argv)
