@@ -2,6 +2,7 @@
 # Named launch presets. Usage: ./run.sh PRESET [extra train.py flags...]
 #   setup      create .venv (CPU torch) with the project and test dependencies
 #   sample     setup, then train the sample model on the shipped sample (CPU, ~10 min)
+#   cpu-speedrun  setup, then the cpu-sample speedrun (compiled; ~4 min of training + a warm-up compile)
 #   test       setup both environments and run the whole test suite (CPU lane + XLA lane)
 #   test-cpu   the CPU lane only;  test-xla  the XLA lane only (torch-xla, PJRT_DEVICE=CPU)
 #   test-cuda  the CUDA lane, on a GPU machine (.venv-cuda: CUDA torch; fails where no GPU is visible)
@@ -94,6 +95,7 @@ trn2_torchrun() {  # trn2_torchrun WORKERS_PER_NODE CONFIG [train.py flags...]
 case "$preset" in
   setup) setup_cpu ;;
   sample) setup_cpu; exec .venv/bin/python train.py --config config/sample.yaml "$@" ;;
+  cpu-speedrun) setup_cpu; exec .venv/bin/python train.py --config config/cpu-speedrun.yaml "$@" ;;
   test) test_cpu "$@"; test_xla "$@" ;;
   test-cpu) test_cpu "$@" ;;
   test-xla) test_xla "$@" ;;
