@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from data.benchmark import EvalLoader
+from data.buckets import micro_batch_shapes
 from data.loader import TrainLoader
 from data.masking import MaskingConfig
 from data.shards import ShardError
@@ -109,7 +110,7 @@ def _run(cfg, backend) -> int:
                             diffusion_from=cfg.mask_rate_steps)
     loader = TrainLoader(files.train, rows, cfg.max_length, rank=backend.rank, world_size=backend.world_size,
                          seed=cfg.seed, masking=masking, micro_steps_per_step=cfg.grad_accum, crop=cfg.crop,
-                         doc_multiple=doc_multiple(cfg))
+                         doc_multiple=doc_multiple(cfg), length_buckets=cfg.length_buckets)
     eval_rows = max(1, cfg.eval_batch_size // BENCH_LENGTH)
     # evaluation lays each sequence where the model sees it whole (the Patch UNet's merge grid)
     eval_loader = lambda split: EvalLoader(getattr(files, split), eval_rows, BENCH_LENGTH, rank=backend.rank,
@@ -145,7 +146,7 @@ def _run(cfg, backend) -> int:
 
     config_dict = cfg.to_dict()
     notes = {"params": counts["total"], "params_non_embedding": counts["non_embedding"],
-             "params_matmul": counts["matmul"], "micro_batch": f"{rows}x{cfg.max_length}",
+             "params_matmul": counts["matmul"], "micro_batch": micro_batch_shapes(rows, cfg),
              "resumed_from": str(resume_from) if resume_from else "-",
              **({"valid_sha256": split_digest(files.valid), "test_sha256": split_digest(files.test)}
                 if backend.is_main else {})}

@@ -1,4 +1,5 @@
-"""The packed training loader: fixed-shape (B, L) CPU batches of whole documents.
+"""The packed training loader: fixed-shape (B, L) CPU batches of whole documents (or, with
+length_buckets, a few shapes of B * L slots each: data/buckets.py).
 
 Rows are packed by data/packing.py (whole documents `<cls> residues <eos>`, first fit from a
 window of WINDOW documents, right-padded with <pad>). A document longer than L becomes
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from data.buckets import BucketPacker
 from data.masking import MaskingConfig, diffusion_rate, mask_batch
 from data.packing import MIN_DOC, WINDOW, empty_rows, open_shard, shard_tokens, take_row, write_row
 
@@ -126,15 +128,29 @@ class _Packer:
             return [(fid, s + int(f.offsets[d]), cap)]
         return [(fid, s + j, min(cap, n - j)) for j in range(0, n, cap)]
 
+    def _read(self) -> list[tuple] | None:
+        """The pieces of the next document of the current epoch ([] at the end of a file),
+        or None once the epoch is read (file_pos == n_files)."""
+        if self.file_pos >= len(self.files):
+            return None
+        f = self._current_file()
+        if self.cursor >= len(f.mine):
+            self.file_pos, self.cursor = self.file_pos + 1, 0
+            return []
+        self.cursor += 1
+        return self._pieces(f, int(f.mine[self.cursor - 1]))
+
+    def _next_epoch(self):
+        self.epoch, self.file_pos, self.cursor = self.epoch + 1, 0, 0
+
+    def _no_document(self):
+        return ValueError(f"rank {self.rank} of {self.world} gets no document from "
+                          f"{len(self.files)} training shard(s); use fewer ranks or more data")
+
     def _refill(self):
-        """Top the window up from the current epoch only (file_pos == n_files: epoch read)."""
-        while len(self.pending) < WINDOW and self.file_pos < len(self.files):
-            f = self._current_file()
-            if self.cursor < len(f.mine):
-                self.pending += self._pieces(f, int(f.mine[self.cursor]))
-                self.cursor += 1
-            else:
-                self.file_pos, self.cursor = self.file_pos + 1, 0
+        """Top the window up from the current epoch only."""
+        while len(self.pending) < WINDOW and (pieces := self._read()) is not None:
+            self.pending += pieces
 
     def next_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """One batch. A batch never mixes epochs: the last one of an epoch ends in padding rows,
@@ -143,22 +159,23 @@ class _Packer:
         for r in range(self.B):
             self._refill()
             if not self.pending and r == 0:  # the epoch is read and its rows are out: next epoch
-                self.epoch, self.file_pos, self.cursor = self.epoch + 1, 0, 0
+                self._next_epoch()
                 self._refill()
                 if not self.pending:
-                    raise ValueError(
-                        f"rank {self.rank} of {self.world} gets no document from "
-                        f"{len(self.files)} training shard(s); use fewer ranks or more data"
-                    )
+                    raise self._no_document()
             if not self.pending:
                 continue
             row, _ = take_row(self.pending, self.L, self.doc_multiple)
             write_row(tokens, docs, r, row, self._sources, self.doc_multiple)
+        return self._count(tokens, docs, self.pending)
+
+    def _count(self, tokens, docs, pending) -> tuple[np.ndarray, np.ndarray]:
+        """Books a finished batch and lets go of shards no pending piece needs."""
         self.pad_tokens += int((docs < 0).sum())  # the rows' ends and any gaps of doc_multiple
-        self.total_tokens += self.B * self.L
+        self.total_tokens += docs.size
         self.batches += 1
         current = {self._file.fid} if self._file else set()
-        self._sources.keep_only({p[0] for p in self.pending} | current)
+        self._sources.keep_only({p[0] for p in pending} | current)
         return tokens, docs
 
 
@@ -191,6 +208,7 @@ class TrainLoader:
         crop: str = "random",
         prefetch: int = 4,
         doc_multiple: int = 1,
+        length_buckets: int = 1,
     ):
         self._thread = None  # set first: __del__ runs even when a check below fails
         files = [Path(f) for f in files]
@@ -213,7 +231,11 @@ class TrainLoader:
         if doc_multiple < 1 or seq_len % doc_multiple:
             raise ValueError(f"doc_multiple={doc_multiple} must be >= 1 and divide seq_len={seq_len}, "
                              "or a cropped document would never fit a row")
-        self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop, doc_multiple)
+        if length_buckets > 1:  # rank 0 of 1 reads the global stream that BucketPacker deals from
+            reader = _Packer(files, batch_size, seq_len, 0, 1, seed, crop, doc_multiple)
+            self._packer = BucketPacker(reader, batch_size, seq_len, rank, world_size, length_buckets, doc_multiple)
+        else:
+            self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop, doc_multiple)
         self._config = {
             "version": STATE_VERSION,
             "files": [f.name for f in files],
@@ -223,6 +245,8 @@ class TrainLoader:
             "batch_size": batch_size,
             "seq_len": seq_len,
             "crop": crop,
+            # only when set, so the states of loaders from before buckets still load
+            **({"length_buckets": length_buckets} if length_buckets > 1 else {}),
         }
         self._consumed = self._packer.state()
 
@@ -249,7 +273,7 @@ class TrainLoader:
             raise ValueError("TrainLoader.mask needs doc_ids under per-sequence masked diffusion")
         # per-batch diffusion: one rate for the whole micro-batch, not one per chunk
         batch_rate = diffusion_rate(g) if diffusing and self.masking.diffusion == "batch" else None
-        rows = max(1, MASK_CHUNK_ELEMENTS // p.L)
+        rows = max(1, MASK_CHUNK_ELEMENTS // tokens.shape[1])
         out = {}
         for i in range(0, tokens.shape[0], rows):
             chunk = tokens[i : i + rows].long()  # chunk by chunk, like every op here
@@ -311,10 +335,11 @@ class TrainLoader:
         }
 
     def load_state_dict(self, sd: dict):
-        for k, v in self._config.items():
-            if sd.get(k) != v:
+        defaults = {"length_buckets": 1}  # a key written only when it differs from this
+        for k, v in {**defaults, **self._config}.items():
+            if (got := sd.get(k, defaults.get(k))) != v:
                 raise ValueError(
-                    f"loader state has {k}={sd.get(k)!r} but this loader has {v!r}; "
+                    f"loader state has {k}={got!r} but this loader has {v!r}; "
                     "resume with the same data, seed, shape and world size"
                 )
         self._stop_thread()  # prefetched batches belong to the old position

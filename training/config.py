@@ -37,6 +37,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 1024  # row length L of every batch
     crop: str = "random"  # documents longer than max_length: "random" crop or "split"
+    # n > 1: each micro-batch is rows of one length max_length * k / n, short documents in short
+    # rows, so dense attention costs about what the documents need (data/buckets.py, docs/training.md)
+    length_buckets: int = 1
     # patch_unet: each document starts at a multiple of 2^(its merges), padding between, so no
     # merged token of any level mixes two documents (docs/models.md, "Patch UNet")
     align_docs: bool = False
@@ -100,7 +103,7 @@ class TrainConfig:
                 "crop", "mask_rule", "mask_rate", "mask_rate_start", "mask_rate_steps", "seed")
         # keys added later count only when set, so checkpoints written before them still resume
         later = ("masked_diffusion", "diffusion_rate_per", "attn_window", "attn_window_start",
-                 "attn_window_steps", "align_docs")
+                 "attn_window_steps", "align_docs", "length_buckets")
         return {**{k: getattr(self, k) for k in keys},
                 **{k: getattr(self, k) for k in later if getattr(self, k) != _FIELDS[k].default}}
 
@@ -120,7 +123,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"device": DEVICES, "precision": ("auto", "bf16", "bf16_sr", "fp32"),
             "compile": ("auto", "true", "false"), "crop": ("random", "split"),
             "mask_rule": ("esm2", "all_mask"), "diffusion_rate_per": ("sequence", "batch")}
-_POSITIVE = ("batch_size", "grad_accum", "max_length", "num_steps", "log_every",
+_POSITIVE = ("batch_size", "grad_accum", "max_length", "length_buckets", "num_steps", "log_every",
              "eval_batch_size", "keep_checkpoints", "max_skipped_steps")
 _NON_NEGATIVE = ("steps_this_run", "eval_every", "eval_max_batches", "save_every",
                  "num_chunks", "mask_rate_steps", "seed", "attn_window", "attn_window_start",
@@ -286,6 +289,16 @@ def _validate(cfg: TrainConfig) -> None:
     if patch_unet and cfg.max_length & (cfg.max_length - 1):
         raise ConfigError(f"--max_length {cfg.max_length}: a patch_unet model halves its rows at every level, so "
                           f"they must be a power of two tokens, e.g. {1 << (cfg.max_length - 1).bit_length()}.")
+    if cfg.length_buckets > 1 and patch_unet:
+        raise ConfigError("--length_buckets: a patch_unet model is built for rows of max_length tokens only; "
+                          "drop --length_buckets.")
+    if cfg.length_buckets > 1:
+        from data.buckets import check_buckets
+
+        try:
+            check_buckets(cfg.max_length, cfg.length_buckets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.align_docs and not patch_unet:
         raise ConfigError("--align_docs lays documents out for the Patch UNet's merges; use it with "
                           "--model patch_unet (arch patch_unet) only.")

@@ -1,0 +1,143 @@
+"""Length-bucketed micro-batches: attention that costs what the documents cost, in a few shapes.
+
+Dense attention over a packed row of L tokens costs L^2 whatever the documents in it, where
+the documents need only sum(l^2). With `length_buckets: n`, each micro-batch is instead rows
+of one bucket length L_k = L * k / n (k = 1..n), as many rows as fill the B * L token slots
+of the unbucketed run (floor(B * L / L_k): at most L_k slots fewer), so attention costs about
+B * L * L_k: short documents go in short rows. A document belongs to the shortest bucket its
+span fits; a row of bucket k starts first fit with documents of bucket k and its room is then
+filled first fit with shorter ones, so rows of long documents carry little padding. Evenly
+spaced lengths, not powers of two: a power-of-two bucket holds documents from half its length
+up, so its rows are up to half padding or half filled with short documents paying long rows'
+attention (BENCHMARKS.md, "Length-bucketed micro-batches", measured both).
+
+Every rank must run the same shape at the same micro-step (XLA compiles one graph per shape,
+and the gradient all-reduce pairs the ranks' steps). So the bucket is decided from data every
+rank knows: all ranks read the one global document stream (every document's length comes
+from the shard's document bounds), keep the same pools of pending pieces per bucket, and when
+some pool holds LOOKAHEAD micro-batches of every rank (W x the slots) pack the fullest pool's
+W row groups; rank r keeps rows r, r + W, r + 2W, ... and reads only their tokens. The mix of
+buckets per step follows the data, ranks share no document within an epoch and together cover
+every document, and a step still has grad_accum micro-batches per rank. The pools hold less
+than n x LOOKAHEAD micro-batches of every rank, so the state stays small.
+"""
+
+from __future__ import annotations
+
+from data.packing import MIN_DOC, WINDOW, empty_rows, span, take_row, write_row
+
+LOOKAHEAD = 2  # micro-batches a pool holds before it is packed: 1 packs worse (BENCHMARKS.md)
+
+
+def bucket_lengths(seq_len: int, n_buckets: int) -> list[int]:
+    """Row lengths, shortest first: seq_len * k / n_buckets for k = 1..n_buckets."""
+    return [seq_len * k // n_buckets for k in range(1, n_buckets + 1)]
+
+
+def micro_batch_shapes(rows: int, cfg) -> str:
+    """The shapes of a run's micro-batches for its log: "8x1024", or one per bucket."""
+    lengths = bucket_lengths(cfg.max_length, cfg.length_buckets)
+    return ",".join(f"{rows * cfg.max_length // length}x{length}" for length in lengths)
+
+
+def check_buckets(seq_len: int, n_buckets: int, multiple: int = 1) -> None:
+    """Refuses a bucket count the row length cannot be cut into evenly."""
+    if n_buckets < 1:
+        raise ValueError(f"length_buckets={n_buckets} must be >= 1 (1 = every row max_length long)")
+    step = seq_len // n_buckets
+    if seq_len % n_buckets or step < 8 or step % multiple:
+        raise ValueError(
+            f"length_buckets={n_buckets} cuts max_length={seq_len} into rows of multiples of {seq_len / n_buckets:g} "
+            f"tokens, which must be a whole number of at least 8{f' and a multiple of {multiple}' if multiple > 1 else ''}; use a count "
+            f"that divides max_length, such as {max(d for d in range(1, 9) if seq_len % d == 0 and seq_len // d >= 8)}.")
+
+
+def bucket_of(piece_span: int, lengths: list[int]) -> int:
+    """The smallest bucket whose rows hold a piece of this span."""
+    for k, length in enumerate(lengths):
+        if piece_span <= length:
+            return k
+    raise ValueError(f"a piece of {piece_span} positions is longer than the rows ({lengths[-1]})")
+
+
+class BucketPacker:
+    """The producer behind TrainLoader with length_buckets > 1 (see the module docstring).
+
+    `reader` is a data.loader._Packer of rank 0 of 1: it reads the global document stream
+    (the same permutation every rank's unbucketed packer deals from) and books the batches.
+    """
+
+    def __init__(self, reader, batch_size: int, seq_len: int, rank: int, world_size: int, n_buckets: int,
+                 doc_multiple: int = 1):
+        check_buckets(seq_len, n_buckets, doc_multiple)
+        self.reader, self.rank, self.world, self.multiple = reader, rank, world_size, doc_multiple
+        self.lengths = bucket_lengths(seq_len, n_buckets)
+        self.rows = [batch_size * seq_len // length for length in self.lengths]  # per rank
+        self.fill = LOOKAHEAD * batch_size * seq_len * world_size  # pool tokens that trigger packing
+        self.pools: list[list[tuple]] = [[] for _ in self.lengths]
+        self.pool_tokens = [0] * n_buckets
+
+    # -- state: the reader's position and the pools --
+    def state(self) -> dict:
+        return {**self.reader.state(), "pools": [[list(p) for p in pool] for pool in self.pools]}
+
+    def load(self, s: dict):
+        self.reader.load({**s, "pending": []})
+        self.pools = [[tuple(p) for p in pool] for pool in s["pools"]]
+        self.pool_tokens = [sum(span(p[2], self.multiple) for p in pool) for pool in self.pools]
+
+    @property
+    def batches(self) -> int:
+        return self.reader.batches
+
+    @property
+    def seed(self) -> int:
+        return self.reader.seed
+
+    # -- production --
+    def _add(self, pieces: list[tuple]):
+        for piece in pieces:
+            k = bucket_of(span(piece[2], self.multiple), self.lengths)
+            self.pools[k].append(piece)
+            self.pool_tokens[k] += span(piece[2], self.multiple)
+
+    def _choose(self) -> int:
+        """Reads the global stream until a pool holds LOOKAHEAD micro-batches of every rank (or
+        the epoch is read), then names the fullest pool, the longer bucket on a tie."""
+        r = self.reader
+        while max(self.pool_tokens) < self.fill and (pieces := r._read()) is not None:
+            self._add(pieces)
+        if not any(self.pools):  # the epoch is read and its rows are out: next epoch
+            r._next_epoch()
+            while max(self.pool_tokens) < self.fill and (pieces := r._read()) is not None:
+                self._add(pieces)
+            if not any(self.pools):
+                raise ValueError(f"the {len(r.files)} training shard(s) hold no document")
+        return max(range(len(self.lengths)), key=lambda k: (self.pool_tokens[k], k))
+
+    def _pack(self, k: int) -> list[list[tuple]]:
+        """The W * rows[k] rows of bucket k, in order: each starts first fit from bucket k's pool,
+        then fills its room first fit from the smaller buckets', shortest bucket last."""
+        length, out = self.lengths[k], []
+        for _ in range(self.world * self.rows[k]):
+            row, room = [], length
+            for j in range(k, -1, -1):
+                pool = self.pools[j]
+                if room < MIN_DOC or not pool:
+                    continue
+                head = pool[:WINDOW]
+                taken, room = take_row(head, room, self.multiple)
+                pool[:WINDOW] = head
+                self.pool_tokens[j] -= sum(span(p[2], self.multiple) for p in taken)
+                row += taken
+            out.append(row)
+        return out
+
+    def next_tokens(self):
+        """This rank's rows of the next micro-batch: (rows[k], lengths[k]) tokens and doc ids."""
+        k = self._choose()
+        rows = self._pack(k)[self.rank :: self.world]
+        tokens, docs = empty_rows(self.rows[k], self.lengths[k])
+        for i, row in enumerate(rows):
+            write_row(tokens, docs, i, row, self.reader._sources, self.multiple)
+        return self.reader._count(tokens, docs, [p for pool in self.pools for p in pool])
