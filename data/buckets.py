@@ -67,15 +67,15 @@ class BucketPacker:
     (the same permutation every rank's unbucketed packer deals from) and books the batches.
     """
 
-    def __init__(self, reader, batch_size: int, seq_len: int, rank: int, world_size: int, n_buckets: int,
+    def __init__(self, reader, batch_size: int, seq_len: int, rank: int, world_size: int, lengths: list[int],
                  doc_multiple: int = 1):
-        check_buckets(seq_len, n_buckets, doc_multiple)
+        """lengths: the row lengths, shortest first, the last seq_len (bucket_lengths)."""
         self.reader, self.rank, self.world, self.multiple = reader, rank, world_size, doc_multiple
-        self.lengths = bucket_lengths(seq_len, n_buckets)
+        self.lengths = list(lengths)
         self.rows = [batch_size * seq_len // length for length in self.lengths]  # per rank
         self.fill = LOOKAHEAD * batch_size * seq_len * world_size  # pool tokens that trigger packing
         self.pools: list[list[tuple]] = [[] for _ in self.lengths]
-        self.pool_tokens = [0] * n_buckets
+        self.pool_tokens = [0] * len(self.lengths)
 
     # -- state: the reader's position and the pools --
     def state(self) -> dict:

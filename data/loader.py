@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.buckets import BucketPacker
+from data.buckets import BucketPacker, bucket_lengths, check_buckets
 from data.masking import MaskingConfig, diffusion_rate, mask_batch
 from data.packing import MIN_DOC, WINDOW, empty_rows, open_shard, shard_tokens, take_row, write_row
 
@@ -184,6 +184,18 @@ class _Failure:
         self.error = error
 
 
+def _bucket_set(length_buckets: int | list[int], seq_len: int, multiple: int) -> list[int]:
+    """The row lengths of a bucketed loader ([] for full rows only): length_buckets n > 1, or
+    the lengths themselves (speed/buckets.py compares other bucket sets)."""
+    if isinstance(length_buckets, int):
+        check_buckets(seq_len, length_buckets, multiple)
+        return bucket_lengths(seq_len, length_buckets) if length_buckets > 1 else []
+    lengths = list(length_buckets)
+    if lengths != sorted(set(lengths)) or lengths[-1] != seq_len or lengths[0] < MIN_DOC:
+        raise ValueError(f"length_buckets={lengths} must rise strictly to seq_len={seq_len}")
+    return lengths
+
+
 class TrainLoader:
     """Endless training batches dict(input_ids, labels, doc_ids): CPU LongTensors (B, L), plus
     loss_weights (float32) and loss_counted (bool) under masked diffusion (data/masking.py).
@@ -208,7 +220,7 @@ class TrainLoader:
         crop: str = "random",
         prefetch: int = 4,
         doc_multiple: int = 1,
-        length_buckets: int = 1,
+        length_buckets: int | list[int] = 1,
     ):
         self._thread = None  # set first: __del__ runs even when a check below fails
         files = [Path(f) for f in files]
@@ -231,9 +243,10 @@ class TrainLoader:
         if doc_multiple < 1 or seq_len % doc_multiple:
             raise ValueError(f"doc_multiple={doc_multiple} must be >= 1 and divide seq_len={seq_len}, "
                              "or a cropped document would never fit a row")
-        if length_buckets > 1:  # rank 0 of 1 reads the global stream that BucketPacker deals from
+        if lengths := _bucket_set(length_buckets, seq_len, doc_multiple):
+            # rank 0 of 1 reads the global stream that BucketPacker deals from
             reader = _Packer(files, batch_size, seq_len, 0, 1, seed, crop, doc_multiple)
-            self._packer = BucketPacker(reader, batch_size, seq_len, rank, world_size, length_buckets, doc_multiple)
+            self._packer = BucketPacker(reader, batch_size, seq_len, rank, world_size, lengths, doc_multiple)
         else:
             self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop, doc_multiple)
         self._config = {
@@ -246,7 +259,7 @@ class TrainLoader:
             "seq_len": seq_len,
             "crop": crop,
             # only when set, so the states of loaders from before buckets still load
-            **({"length_buckets": length_buckets} if length_buckets > 1 else {}),
+            **({"length_buckets": length_buckets} if lengths else {}),
         }
         self._consumed = self._packer.state()
 

@@ -6,13 +6,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from test_data_loader import epoch_documents, make_docs, segments, write
 
 from data.buckets import BucketPacker, bucket_lengths, bucket_of, check_buckets
 from data.loader import TrainLoader
 from data.masking import MaskingConfig
 from data.packing import span
 from data.tokenizer import PAD
-from test_data_loader import epoch_documents, make_docs, segments, write
 
 L, ROWS = 64, 4  # rows of 64, 4 per unbucketed micro-batch: 256 token slots
 

@@ -22,7 +22,7 @@ def shapes_by_step(data, steps: int) -> list[tuple[int, int]]:
     return [tuple(next(loader)["doc_ids"].shape) for _ in range(steps)]
 
 
-def test_bucketed_steps_compile_one_graph_per_shape_and_match_the_cpu(tiny_data, tmp_path):
+def test_bucketed_steps_compile_one_graph_per_shape_and_match_the_cpu(tiny_data, tmp_path):  # noqa: F811
     records = train(tmp_path, tiny_data, "xla_buckets", "--device", "xla", *BUCKETS)
     steps = {r["step"]: r["compiles"] for r in records if r.get("kind") == "step"}
     shapes = shapes_by_step(tiny_data, STEPS)
