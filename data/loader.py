@@ -143,10 +143,6 @@ class _Packer:
     def _next_epoch(self):
         self.epoch, self.file_pos, self.cursor = self.epoch + 1, 0, 0
 
-    def _no_document(self):
-        return ValueError(f"rank {self.rank} of {self.world} gets no document from "
-                          f"{len(self.files)} training shard(s); use fewer ranks or more data")
-
     def _refill(self):
         """Top the window up from the current epoch only."""
         while len(self.pending) < WINDOW and (pieces := self._read()) is not None:
@@ -162,7 +158,10 @@ class _Packer:
                 self._next_epoch()
                 self._refill()
                 if not self.pending:
-                    raise self._no_document()
+                    raise ValueError(
+                        f"rank {self.rank} of {self.world} gets no document from "
+                        f"{len(self.files)} training shard(s); use fewer ranks or more data"
+                    )
             if not self.pending:
                 continue
             row, _ = take_row(self.pending, self.L, self.doc_multiple)
