@@ -37,6 +37,14 @@ def test_bucket_lengths_and_the_bucket_of_a_span():
 def test_a_bucket_count_that_does_not_cut_the_rows_evenly_is_refused(n):
     with pytest.raises(ValueError, match=f"length_buckets={n}"):
         check_buckets(64, n)
+    check_buckets(4, 1)  # one bucket is full rows, of any length
+
+
+def test_the_refusal_names_a_count_that_fits():
+    with pytest.raises(ValueError, match="such as 8"):
+        check_buckets(1024, 3)
+    with pytest.raises(ValueError, match="such as 1"):
+        check_buckets(9, 2)
 
 
 @pytest.mark.parametrize("n", [2, 4])
