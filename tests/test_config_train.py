@@ -55,6 +55,9 @@ def test_speedrun_yaml_lists_every_option():
     (["--optim.lr", "-1"], ["lr"]),
     (["--track", "esm2-9m"], ["esm2-9m", "esm2-8m", "cpu-sample"]),
     (["--track", "esm2-8m"], ["esm2-8m", "omg_prot50", "sample"]),  # sample data cannot claim it
+    (["--length_buckets", "3"], ["length_buckets=3", "max_length=512", "such as 8"]),
+    (["--length_buckets", "0"], ["length_buckets", "> 0"]),
+    (["--length_buckets", "2", "--model", "patch_unet"], ["length_buckets", "patch_unet"]),
 ])
 def test_bad_input_is_one_sentence(argv, words):
     with pytest.raises(ConfigError) as e:

@@ -97,3 +97,19 @@ def test_fsdp2_with_bf16_mixed_precision_stays_on_the_fp32_curve(tmp_path):
     _, bf16 = run_train(tmp_path, data, "bf16", *args, "--precision", "bf16", launcher=TWO_RANKS)
     assert losses(bf16) == pytest.approx(losses(fp32), rel=2e-2)
     assert losses(bf16) != losses(fp32)  # bf16 did take effect
+
+
+def test_two_ranks_with_length_buckets_train_and_resume_identically(tmp_path):
+    """Two gloo ranks train with buckets end to end, and a checkpoint carries the bucket pools:
+    a paused and resumed run repeats the straight one. (That the ranks agree on every shape is
+    the loader's test, tests/test_data_buckets.py: DDP's gradient all-reduce would not notice.)"""
+    data = write_tiny_shards(tmp_path / "data")
+    args = ["--num_steps", "6", "--length_buckets", "4", "--save_every", "3"]
+    _, straight = run_train(tmp_path, data, "straight", *args, launcher=TWO_RANKS)
+    header = [r for r in straight if r["kind"] == "header"][0]
+    assert header["micro_batch"] == "8x32,4x64,2x96,2x128"
+    run_train(tmp_path, data, "paused", *args, "--steps_this_run", "3", launcher=TWO_RANKS)
+    _, resumed = run_train(tmp_path, data, "paused", *args, "--resume", "auto", launcher=TWO_RANKS)
+    assert losses(straight) == losses(resumed) and sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
+    summary = [r for r in straight if r["kind"] == "summary"][0]
+    assert summary["tokens_all"] <= 6 * 512  # bucket rows keep at most the run's slots
