@@ -146,7 +146,7 @@ def _run(cfg, backend) -> int:
 
     config_dict = cfg.to_dict()
     notes = {"params": counts["total"], "params_non_embedding": counts["non_embedding"],
-             "params_matmul": counts["matmul"], "micro_batch": micro_batch_shapes(rows, cfg),
+             "params_matmul": counts["matmul"], "micro_batch": micro_batch_shapes(rows, cfg.max_length, cfg.length_buckets),
              "resumed_from": str(resume_from) if resume_from else "-",
              **({"valid_sha256": split_digest(files.valid), "test_sha256": split_digest(files.test)}
                 if backend.is_main else {})}

@@ -37,10 +37,9 @@ def bucket_lengths(seq_len: int, n_buckets: int) -> list[int]:
     return [seq_len * k // n_buckets for k in range(1, n_buckets + 1)]
 
 
-def micro_batch_shapes(rows: int, cfg) -> str:
+def micro_batch_shapes(rows: int, seq_len: int, n_buckets: int) -> str:
     """The shapes of a run's micro-batches for its log: "8x1024", or one per bucket."""
-    lengths = bucket_lengths(cfg.max_length, cfg.length_buckets)
-    return ",".join(f"{rows * cfg.max_length // length}x{length}" for length in lengths)
+    return ",".join(f"{rows * seq_len // length}x{length}" for length in bucket_lengths(seq_len, n_buckets))
 
 
 def check_buckets(seq_len: int, n_buckets: int, multiple: int = 1) -> None:
