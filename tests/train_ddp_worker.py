@@ -9,6 +9,7 @@ are masked-diffusion batches (each target weighted 1/rate of its row, every resi
 """
 
 import faulthandler
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,6 +56,13 @@ def main(out: str, grad_accum: int, optimizer_name: str, fsdp: bool = False) -> 
         # As train.py does: the group goes only after the model (and DDP's reducer) is freed.
         # Freeing them after destroy_process_group once hung a rank at exit in CI.
         backend.shutdown()
+    # The result is saved and the group is gone: leave without interpreter finalization, where
+    # gloo's C++ threads once aborted a rank of the FSDP2 run ("terminate called without an
+    # active exception", 1 fresh-clone CI run in 4 on 2026-11-30; pytorch/pytorch#179291).
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train(backend, out: str, grad_accum: int, optimizer_name: str) -> None:
