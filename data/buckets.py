@@ -105,18 +105,19 @@ class BucketPacker:
             self.pools[k].append(piece)
             self.pool_tokens[k] += span(piece[2], self.multiple)
 
+    def _fill(self):
+        while max(self.pool_tokens) < self.fill and (pieces := self.reader._read()) is not None:
+            self._add(pieces)
+
     def _choose(self) -> int:
         """Reads the global stream until a pool holds LOOKAHEAD micro-batches of every rank (or
         the epoch is read), then names the fullest pool, the longer bucket on a tie."""
-        r = self.reader
-        while max(self.pool_tokens) < self.fill and (pieces := r._read()) is not None:
-            self._add(pieces)
+        self._fill()
         if not any(self.pools):  # the epoch is read and its rows are out: next epoch
-            r._next_epoch()
-            while max(self.pool_tokens) < self.fill and (pieces := r._read()) is not None:
-                self._add(pieces)
+            self.reader._next_epoch()
+            self._fill()
             if not any(self.pools):
-                raise ValueError(f"the {len(r.files)} training shard(s) hold no document")
+                raise ValueError(f"the {len(self.reader.files)} training shard(s) hold no document")
         return max(range(len(self.lengths)), key=lambda k: (self.pool_tokens[k], k))
 
     def _pack(self, k: int) -> list[list[tuple]]:
