@@ -38,6 +38,7 @@ from evaluation.inputs import (
 )
 from evaluation.splm import evaluate_splm
 from evaluation.unigram import Unigram
+from runtime.backend import leave
 from runtime.devices import DEVICES, get_backend
 from runtime.errors import ConfigError
 from training.runlog import format_line
@@ -119,4 +120,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -28,6 +28,7 @@ from model import build_model, flops_per_token, param_counts, t_eff
 from model.config import doc_alignment
 from optim import apply_schedule, build_optimizer
 from optim.autoclip import AutoClip
+from runtime.backend import leave
 from runtime.devices import get_backend
 from training import checkpoint
 from training.config import ConfigError, doc_multiple, load_config, model_config, optim_config
@@ -259,10 +260,12 @@ def _run(cfg, backend) -> int:
     if state["skipped_in_row"] >= cfg.max_skipped_steps:
         log.message(f"stopped: {cfg.max_skipped_steps} steps in a row had a non-finite gradient; "
                     f"the last good checkpoint is in {run_dir}; lower the learning rate or resume from it.")
+        sink.finish()
         return 3
     if state["step"] < cfg.num_steps:
         why = "stopped by a signal" if agreed["stop"] else "paused (steps_this_run)"
         log.message(f"{why} at step {state['step']}/{cfg.num_steps}; continue with --resume auto --log_name {cfg.log_name}")
+        sink.finish()
         return 0
     final = run_eval("valid")
     test = run_eval("test", prefix="test")
@@ -312,4 +315,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

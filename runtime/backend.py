@@ -24,6 +24,21 @@ from torch.distributed.tensor import DTensor
 from optim.autoclip import AutoClip
 from runtime.errors import ConfigError
 
+_gloo_left = False  # this process left a gloo process group (see leave)
+
+
+def leave(code: int) -> None:
+    """Ends the process with exit status `code`. After a gloo process group, without interpreter
+    finalization: there, gloo's C++ threads occasionally abort a rank that finished its run
+    ("terminate called without an active exception"; seen in CI on FSDP2 over 2 CPU ranks;
+    the cause and an unmerged fix: pytorch/pytorch#179291), and torchrun then reports the whole run as failed. Everything the
+    run writes is closed by then; the standard streams are flushed here."""
+    if _gloo_left:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
 
 class Backend:
     """CPU-like defaults; subclasses override what differs. `cfg` is the TrainConfig (or None)."""
@@ -82,9 +97,11 @@ class Backend:
         exit over gloo. After a failure there is no meeting (the healthy ranks wait in another
         collective; a barrier would hang until the 30-minute timeout): the group is torn down at
         once, the process exits non-zero, and torchrun ends the others."""
+        global _gloo_left
         if dist.is_initialized():
             if not failed:
                 dist.barrier()
+            _gloo_left = dist.get_backend() == "gloo"
             dist.destroy_process_group()
 
     # -- model ------------------------------------------------------------------------

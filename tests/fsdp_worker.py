@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import build_model, get_config  # noqa: E402
-from runtime.backend import CPUBackend  # noqa: E402
+from runtime.backend import CPUBackend, leave  # noqa: E402
 
 
 def main(out: str, compile: bool) -> None:
@@ -51,6 +51,8 @@ def main(out: str, compile: bool) -> None:
     if backend.is_main:
         Path(out).write_text(json.dumps(result))
     backend.shutdown()
+    faulthandler.cancel_dump_traceback_later()
+    leave(0)  # as train.py leaves: without interpreter finalization after a gloo group
 
 
 if __name__ == "__main__":

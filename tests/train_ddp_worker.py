@@ -9,7 +9,6 @@ are masked-diffusion batches (each target weighted 1/rate of its row, every resi
 """
 
 import faulthandler
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import build_model, get_config  # noqa: E402
 from optim import OptimConfig, apply_schedule, build_optimizer  # noqa: E402
-from runtime.backend import CPUBackend  # noqa: E402
+from runtime.backend import CPUBackend, leave  # noqa: E402
 from train import train_step  # noqa: E402
 
 ROWS, L, STEPS = 8, 64, 4
@@ -56,13 +55,8 @@ def main(out: str, grad_accum: int, optimizer_name: str, fsdp: bool = False) -> 
         # As train.py does: the group goes only after the model (and DDP's reducer) is freed.
         # Freeing them after destroy_process_group once hung a rank at exit in CI.
         backend.shutdown()
-    # The result is saved and the group is gone: leave without interpreter finalization, where
-    # gloo's C++ threads once aborted a rank of the FSDP2 run ("terminate called without an
-    # active exception", 1 fresh-clone CI run in 4 on 2026-11-30; pytorch/pytorch#179291).
     faulthandler.cancel_dump_traceback_later()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(0)  # as train.py leaves: without interpreter finalization after a gloo group
 
 
 def train(backend, out: str, grad_accum: int, optimizer_name: str) -> None:
