@@ -101,7 +101,7 @@ class Backend:
         if dist.is_initialized():
             if not failed:
                 dist.barrier()
-            _gloo_left = dist.get_backend() == "gloo"
+            _gloo_left = self.dist_backend == "gloo"
             dist.destroy_process_group()
 
     # -- model ------------------------------------------------------------------------
