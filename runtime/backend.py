@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from optim.autoclip import AutoClip
+from runtime import hardware
 from runtime.errors import ConfigError
 
 _gloo_left = False  # this process left a gloo process group (see leave)
@@ -334,6 +335,9 @@ class CPUBackend(Backend):
         # Eager: attention document by document, unmasked (BENCHMARKS.md, "Attention that costs
         # what the documents cost"); compiled, the dense masked SDPA keeps one graph.
         return {} if self.compile else {"attn_impl": "varlen"}
+
+    def describe(self) -> str:
+        return f"{self.name} x{self.world_size} ({hardware.cpu_detail()})"
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

@@ -9,8 +9,10 @@ comes from the `device:` line of the run log, e.g. "cuda x8 (NVIDIA H100 80GB HB
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # (substring of the device name, accelerator, dense BF16 peak FLOP/s per accelerator; the
 # peaks are torchtitan's get_peak_flops table). Order matters: the first substring found in
@@ -113,6 +115,24 @@ def neuroncore_peak_flops(chip: str, lnc: int) -> float:
     """Dense BF16 peak FLOP/s of one logical NeuronCore (one rank) of `chip` at LNC `lnc`."""
     _, _, peak, cores = next(row for row in NEURON_CHIPS if row[1] == chip)
     return peak * lnc / cores
+
+
+def cpu_detail() -> str:
+    """The bracketed part of a CPU run's `device:` line: the processor, torch's threads, and
+    whether it has bf16 matrix units (AMX), which decide whether `--precision bf16` pays on it
+    (BENCHMARKS.md, "bf16 on the CPU"). A CPU score is only comparable on the same processor."""
+    import torch
+
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
+    units = "AMX bf16" if torch.cpu.get_capabilities().get("amx_bf16") else "no bf16 matrix units"
+    return f"{name or platform.processor() or 'unknown processor'}, {torch.get_num_threads()} threads, {units}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return []
 
 
 def accelerator(device_line: str) -> tuple[int, str]:

@@ -12,6 +12,7 @@ from runtime import hardware
     ("cuda x4 (NVIDIA GeForce RTX 4090)", "4x GeForce-RTX-4090"),
     ("xla x32 (NEURON, precision bf16)", "32x trn1-NeuronCore"),
     ("cpu x1", "1x CPU"),
+    ("cpu x2 (AMD EPYC 7R13 Processor, 1 threads, no bf16 matrix units)", "2x CPU"),
 ])
 def test_hardware_label_from_the_device_line(line, label):
     assert hardware.hardware_label(line) == label
@@ -36,3 +37,16 @@ def test_cost_is_per_accelerator_hour_and_none_when_unpriced():
         hardware.INSTANCES["trn1.32xlarge"].usd_per_accelerator_hour)
     assert hardware.cost_usd(3600, 1, "CPU") is None
     assert hardware.usd_per_million(275_900, 3.29) == pytest.approx(0.00331, rel=1e-2)
+
+
+def test_a_cpu_run_names_its_processor_threads_and_bf16_units(monkeypatch):
+    import torch
+
+    from runtime.backend import CPUBackend
+
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: ["processor\t: 0", "model name\t: Test CPU 9000"])
+    for amx, units in ((True, "AMX bf16"), (False, "no bf16 matrix units")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
+        line = CPUBackend().describe()
+        assert line == f"cpu x1 (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
+        assert hardware.hardware_label(line) == "1x CPU"
