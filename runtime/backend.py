@@ -50,8 +50,10 @@ class Backend:
     # the device (the CPU has the kernel too, so the CPU runs the CUDA path's optimizer step)
     fused_adamw = True
     static_shapes = False  # True where every new input shape compiles a new graph (XLA)
-    # Muon's Newton-Schulz dtype: fp32 on the CPU, where bf16 matmuls (no bf16 units on most
-    # CPUs) measured 18-22x slower (python -m speed.newton_schulz); accelerators override with bf16.
+    # Muon's Newton-Schulz dtype: fp32 on the CPU. bf16 measured 18-22x slower on a CPU without
+    # bf16 matrix units (AMD EPYC), and on one with AMX 1.2x slower for the sample model's small
+    # matrices, 0.4x for the speedrun preset's (python -m speed.newton_schulz); accelerators
+    # override with bf16.
     muon_dtype = torch.float32
     compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
     flex_backward = False  # flex attention can be trained here (only CUDA has its backward)

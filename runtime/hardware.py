@@ -150,7 +150,7 @@ def accelerator(device_line: str) -> tuple[int, str]:
     if kind == "xla":
         hw = detail.split(",")[0].strip().upper()
         return count, NEURONCORE if hw in ("NEURON", "TRN") else f"XLA-{hw or 'device'}"
-    return count, "CPU"
+    return count, f"CPU ({detail})" if detail else "CPU"  # a CPU score holds on its processor only
 
 
 def hardware_label(device_line: str) -> str:

@@ -606,7 +606,7 @@ def run(args) -> Path:
     rows, head = benchmark(args)
     acc = rows[0]["accelerator"] if rows else "device"
     out = Path(args.out)
-    csv_path = out / f"{args.command}-{slug(acc)}.csv"
+    csv_path = out / f"{args.command}-{slug(acc.split(' (')[0])}.csv"  # CPU (processor...) -> run-cpu.csv
     write_csv(csv_path, rows, append=args.command == "sweep")
     tables = markdown(rows)
     csv_path.with_suffix(".md").write_text(f"```\n{head}\n```\n\n{tables}\n")

@@ -12,7 +12,8 @@ from runtime import hardware
     ("cuda x4 (NVIDIA GeForce RTX 4090)", "4x GeForce-RTX-4090"),
     ("xla x32 (NEURON, precision bf16)", "32x trn1-NeuronCore"),
     ("cpu x1", "1x CPU"),
-    ("cpu x2 (AMD EPYC 7R13 Processor, 1 threads, no bf16 matrix units)", "2x CPU"),
+    ("cpu x2 (AMD EPYC 7R13 Processor, 1 threads, no bf16 matrix units)",
+     "2x CPU (AMD EPYC 7R13 Processor, 1 threads, no bf16 matrix units)"),
 ])
 def test_hardware_label_from_the_device_line(line, label):
     assert hardware.hardware_label(line) == label
@@ -49,4 +50,4 @@ def test_a_cpu_run_names_its_processor_threads_and_bf16_units(monkeypatch):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
         line = CPUBackend().describe()
         assert line == f"cpu x1 (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
-        assert hardware.hardware_label(line) == "1x CPU"
+        assert hardware.hardware_label(line) == f"1x CPU (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
