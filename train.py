@@ -152,7 +152,7 @@ def _run(cfg, backend) -> int:
              **({"valid_sha256": split_digest(files.valid), "test_sha256": split_digest(files.test)}
                 if backend.is_main else {})}
     log.header(config_dict, environment(backend), extra_sources=[cfg.config_file], notes=notes)
-    for note in cfg.notes:
+    for note in (*cfg.notes, *backend.notes()):
         log.message(note)
     sink = make_sink(cfg, config_dict, backend.is_main)
 

@@ -323,6 +323,10 @@ class Backend:
     def describe(self) -> str:
         return f"{self.name} x{self.world_size}"
 
+    def notes(self) -> list[str]:
+        """Advice for the run log about this device and the run's settings."""
+        return []
+
 
 class CPUBackend(Backend):
     """fp32 (or bf16 autocast when asked), gloo DDP when world_size > 1."""
@@ -340,6 +344,12 @@ class CPUBackend(Backend):
 
     def describe(self) -> str:
         return f"{self.name} x{self.world_size} ({hardware.cpu_detail()})"
+
+    def notes(self) -> list[str]:
+        if self.dtype is None or torch.cpu.get_capabilities().get("amx_bf16"):
+            return []
+        return ["note: precision bf16 on a CPU without bf16 matrix units (AMX): bf16 matmuls run slower "
+                "than fp32 here (BENCHMARKS.md, \"bf16 on the CPU\"); --precision fp32 is faster."]
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

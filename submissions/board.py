@@ -224,20 +224,23 @@ def curves(path: Path) -> dict[str, list[tuple]]:
 def plot_track(track: Track, runs: list[Verdict], plots: Path) -> Path:
     """plots/<track>.png: validation loss against training time and tokens, a line per run."""
     plt = _pyplot()
-    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for v in runs:
+    rows = (len(runs) + 2) // 2  # the legend, two columns under the panels (runs + the target)
+    legend_in = 0.17 * rows + 0.15
+    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5 + legend_in))
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+    for i, v in enumerate(runs):
         val = curves(v.path)["val"]
-        label = f"{v.path.stem} ({v.hardware})"
-        by_time.plot([x[2] for x in val], [x[3] for x in val], marker="o", label=label)
-        by_tokens.plot([x[1] for x in val], [x[3] for x in val], marker="o", label=label)
+        style = dict(marker="o", color=colors[i % len(colors)], label=f"{v.path.stem} ({v.hardware})")
+        by_time.plot([x[2] for x in val], [x[3] for x in val], **style)
+        by_tokens.plot([x[1] for x in val], [x[3] for x in val], **style)
     for ax, xlabel in ((by_time, "training time (s, warm-up excluded)"), (by_tokens, "tokens")):
         ax.axhline(track.target, color="black", linestyle="--", linewidth=1, label=f"target {track.target}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
-    by_time.legend(fontsize=8)
+    fig.legend(*by_time.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{track.name}: validation loss (partial evaluations included)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (4.5 + legend_in), 1, 1))
     plots.mkdir(parents=True, exist_ok=True)
     out = plots / f"{track.name}.png"
     fig.savefig(out, dpi=100)

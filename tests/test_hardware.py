@@ -1,5 +1,7 @@
 """Accelerator names, peaks and prices used by MFU, bench.py and the leaderboard."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from runtime import hardware
@@ -51,3 +53,14 @@ def test_a_cpu_run_names_its_processor_threads_and_bf16_units(monkeypatch):
         line = CPUBackend().describe()
         assert line == f"cpu x1 (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
         assert hardware.hardware_label(line) == f"1x CPU (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_advised_against(monkeypatch):
+    import torch
+
+    from runtime.backend import CPUBackend
+
+    for precision, amx, advised in (("bf16", False, True), ("bf16", True, False), ("auto", False, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
+        notes = CPUBackend(SimpleNamespace(precision=precision)).notes()
+        assert bool(notes) == advised and all("--precision fp32" in n for n in notes)
