@@ -3,7 +3,8 @@
 A row holds whole documents back to back; `doc_ids` (B, L) numbers them 0, 1, 2, ... and marks
 padding -1. Everything here uses fixed-shape ops (scatter/gather, no boolean indexing or
 data-dependent shapes) so that the same code compiles to one graph on XLA, except the
-"varlen" implementation, which cuts rows into documents on the host (eager CPU runs only).
+"varlen" implementation, which cuts rows into documents on the host (the CPU only; under
+torch.compile it stays an eager island between compiled graphs).
 """
 
 from __future__ import annotations
@@ -151,13 +152,34 @@ def varlen_attention(q, k, v, runs: DocRuns):
     return torch.cat(out).view(B, L, H, D).transpose(1, 2)
 
 
+class VarlenIds(NamedTuple):
+    """The varlen plan of a compiled model: only tensors (dynamo guards their shapes, never the
+    data-dependent run lengths); the runs are cut in the eager island, `varlen_island`."""
+
+    doc_ids: torch.Tensor
+    window: object
+
+
+_last_runs: list = [None, None, None, None]  # doc_ids, its version, window, runs: shared by a forward's layers
+
+
+@torch.compiler.disable
+def varlen_island(q, k, v, doc_ids, window):
+    """varlen_attention outside the compiled graphs (a graph break on each side). The runs are
+    cut once per forward: every layer passes the same doc_ids tensor (an in-place change to it
+    bumps its version, which cuts them again)."""
+    if not (_last_runs[0] is doc_ids and _last_runs[1] == doc_ids._version and _last_runs[2] is window):
+        _last_runs[:] = doc_ids, doc_ids._version, window, doc_runs(doc_ids, window)
+    return varlen_attention(q, k, v, _last_runs[3])
+
+
 def build_mask(doc_ids: torch.Tensor, impl: str, window=None):
     """The mask object `attend` expects for this implementation, built once per forward.
     window: None (whole documents) or the largest |query - key| a query may attend to."""
     if impl == "flex":
         return flex_block_mask(doc_ids, window)
     if impl == "varlen":
-        return doc_runs(doc_ids, window)
+        return VarlenIds(doc_ids, window) if torch.compiler.is_compiling() else doc_runs(doc_ids, window)
     mask = doc_mask(doc_ids)
     return mask if window is None else mask & window_mask(doc_ids.shape[1], window, doc_ids.device)
 
@@ -176,5 +198,5 @@ def attend(q, k, v, mask, impl: str):
     if impl == "flex":
         return flex_attention(q, k, v, block_mask=mask)
     if impl == "varlen":
-        return varlen_attention(q, k, v, mask)
+        return varlen_island(q, k, v, *mask) if isinstance(mask, VarlenIds) else varlen_attention(q, k, v, mask)
     return reference_attention(q, k, v, mask)

@@ -117,10 +117,10 @@ class Backend:
         if mcfg.attn_impl == "flex" and not self.flex_backward:
             raise ConfigError(f"attn_impl 'flex' cannot be trained on {self.name} (flex attention's backward "
                               "runs only on CUDA); use --model_args.attn_impl sdpa.")
-        if mcfg.attn_impl == "varlen" and (self.compile or not self.host_batches):
-            where = "a compiled model" if self.compile else f"{self.name}, whose batches live on the device"
+        if mcfg.attn_impl == "varlen" and not self.host_batches:
             raise ConfigError(f"attn_impl 'varlen' cuts every batch into its documents on the host, new shapes "
-                              f"each batch, which {where} cannot take; use --model_args.attn_impl sdpa.")
+                              f"each batch, which {self.name}, whose batches live on the device, cannot take; "
+                              "use --model_args.attn_impl sdpa.")
 
     def prepare_model(self, model: nn.Module, cfg=None) -> nn.Module:
         """To the device; FSDP2 (when fsdp and several processes) or DDP; torch.compile when on.

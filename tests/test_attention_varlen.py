@@ -103,15 +103,14 @@ def test_a_training_step_gives_the_same_loss_and_gradients(preset):
         torch.testing.assert_close(grads_v[name], grads_s[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_the_eager_cpu_picks_varlen_and_compiled_or_static_shapes_refuse_it():
+def test_the_eager_cpu_picks_varlen_the_compiled_takes_it_and_static_shapes_refuse_it():
     eager = CPUBackend(SimpleNamespace(fsdp=False, compile="false"))
     compiled = CPUBackend(SimpleNamespace(fsdp=False, compile="true"))
     assert eager.model_defaults() == {"attn_impl": "varlen"}
     assert compiled.model_defaults() == {}
     varlen = get_config("sample", attn_impl="varlen")
     eager.check_trainable(varlen)
-    with pytest.raises(ConfigError, match="varlen.*compiled model.*attn_impl sdpa"):
-        compiled.check_trainable(varlen)
+    compiled.check_trainable(varlen)  # an eager island between compiled graphs
     device = CPUBackend(SimpleNamespace(fsdp=False, compile="false"))
     device.host_batches, device.name = False, "xla"  # as every accelerator's backend
     with pytest.raises(ConfigError, match="varlen.*xla, whose batches live on the device"):
@@ -127,3 +126,32 @@ def test_a_run_resumes_under_another_attention_but_not_another_model(tmp_path):
     wider = asdict(get_config("sample", attn_impl="varlen", d_model=64))
     with pytest.raises(CheckpointError, match="d_model=.*there vs 64 here"):
         check_same_run(common, wider, {"seed": 0}, tmp_path)
+
+
+def test_compiled_varlen_is_an_eager_island_with_the_eager_numbers_and_no_recompiles():
+    """Under torch.compile, varlen attention runs between compiled graphs: the same loss and
+    gradients as the eager model, and batches with other document layouts (other run lengths)
+    reuse the graphs instead of compiling new ones."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = build_model(get_config("sample", attn_impl="varlen", n_layers=2, d_model=32, n_heads=2, d_ff=64))
+    compiled = torch.compile(model)
+    for seed in range(4):
+        batch = packed_rows(rows=3, length=64, seed=seed)
+        model.zero_grad()
+        _, eager_loss = model(*batch)
+        eager_loss.backward()
+        eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        _, loss = compiled(*batch)
+        loss.backward()
+        torch.testing.assert_close(loss, eager_loss, atol=1e-4, rtol=1e-5)
+        for n, g in eager_grads.items():
+            torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4, msg=n)
+        if seed == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 1  # the island splits the forward
+    assert counters["stats"]["unique_graphs"] == graphs  # three more layouts, no new graph
