@@ -346,7 +346,7 @@ class CPUBackend(Backend):
         return f"{self.name} x{self.world_size} ({hardware.cpu_detail()})"
 
     def notes(self) -> list[str]:
-        if self.dtype is None or torch.cpu.get_capabilities().get("amx_bf16"):
+        if self.dtype is None or hardware.cpu_has_bf16_units():
             return []
         return ["note: precision bf16 on a CPU without bf16 matrix units (AMX): bf16 matmuls run slower "
                 "than fp32 here (BENCHMARKS.md, \"bf16 on the CPU\"); --precision fp32 is faster."]

@@ -124,8 +124,18 @@ def cpu_detail() -> str:
     import torch
 
     name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
-    units = "AMX bf16" if torch.cpu.get_capabilities().get("amx_bf16") else "no bf16 matrix units"
+    units = "AMX bf16" if cpu_has_bf16_units() else "no bf16 matrix units"
     return f"{name or platform.processor() or 'unknown processor'}, {torch.get_num_threads()} threads, {units}"
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has AMX bf16 tiles (torch's own probe where this torch has one; 2.9 has none)."""
+    import torch
+
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    if probe is not None:
+        return bool(probe().get("amx_bf16"))
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in _cpuinfo())
 
 
 def _cpuinfo() -> list[str]:

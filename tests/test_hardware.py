@@ -64,3 +64,12 @@ def test_bf16_on_a_cpu_without_bf16_units_is_advised_against(monkeypatch):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
         notes = CPUBackend(SimpleNamespace(precision=precision)).notes()
         assert bool(notes) == advised and all("--precision fp32" in n for n in notes)
+
+
+def test_without_torchs_probe_the_bf16_units_come_from_the_cpu_flags(monkeypatch):
+    import torch
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)  # torch 2.9, the XLA lane's
+    for flags, expected in (("fpu avx512f amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", False)):
+        monkeypatch.setattr(hardware, "_cpuinfo", lambda flags=flags: ["model name\t: X", f"flags\t\t: {flags}"])
+        assert hardware.cpu_has_bf16_units() is expected
