@@ -31,9 +31,9 @@ _gloo_left = False  # this process left a gloo process group (see leave)
 def leave(code: int) -> None:
     """Ends the process with exit status `code`. After a gloo process group, without interpreter
     finalization: there, gloo's C++ threads occasionally abort a rank that finished its run
-    ("terminate called without an active exception"; seen in CI on FSDP2 over 2 CPU ranks;
-    the cause and an unmerged fix: pytorch/pytorch#179291), and torchrun then reports the whole run as failed. Everything the
-    run writes is closed by then; the standard streams are flushed here."""
+    ("terminate called without an active exception"; seen in CI on FSDP2 over 2 CPU ranks; the
+    cause and an unmerged fix: pytorch/pytorch#179291), and torchrun then reports the whole run
+    as failed. Everything the run writes is closed by then; the standard streams are flushed here."""
     if _gloo_left:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -339,7 +339,8 @@ class CPUBackend(Backend):
 
     def model_defaults(self) -> dict:
         # Eager: attention document by document, unmasked (BENCHMARKS.md, "Attention that costs
-        # what the documents cost"); compiled, the dense masked SDPA keeps one graph.
+        # what the documents cost"); compiled, the dense masked SDPA keeps one graph (varlen as
+        # an eager island between graphs measured level with eager varlen: "bf16 on the CPU").
         return {} if self.compile else {"attn_impl": "varlen"}
 
     def describe(self) -> str:
