@@ -47,19 +47,23 @@ def train_step(model, batches, optimizer, backend, grad_clip, attn_window=None):
     not log never waits for the device. Under masked diffusion the batches carry loss_weights
     (each target's CE times 1/t) and loss_counted (the denominator counts every residue).
     attn_window: None, or a 0-d CPU tensor that travels with each micro-batch, so a growing
-    window is a graph input, never a constant. Returns device tensors: (summed loss of this
+    window is a graph input, never a constant. A micro-batch marked whole_rows (every row one
+    document) attends without a mask. Returns device tensors: (summed loss of this
     rank, global target count, real tokens of this rank, pre-clip grad norm, step taken)."""
     loss_sum = torch.zeros((), device=backend.device)
     count = real = torch.zeros((), dtype=torch.long, device=backend.device)  # exact at any size
     for i, batch in enumerate(batches):
-        batch = backend.to_device(batch if attn_window is None else {**batch, "attn_window": attn_window})
+        whole = batch.get("whole_rows", False)  # a host flag: it picks the graph, never travels
+        tensors = {k: v for k, v in batch.items() if k != "whole_rows"}
+        batch = backend.to_device(tensors if attn_window is None else {**tensors, "attn_window": attn_window})
         counted = batch["loss_counted"] if "loss_counted" in batch else batch["labels"] != -100
         count = count + counted.sum()
         real = real + (batch["doc_ids"] >= 0).sum()
         with backend.no_sync(model, last_micro=i == len(batches) - 1):
             with backend.autocast():
                 _, loss = model(batch["input_ids"], batch["doc_ids"], batch["labels"],
-                                loss_weights=batch.get("loss_weights"), window=batch.get("attn_window"))
+                                loss_weights=batch.get("loss_weights"), window=batch.get("attn_window"),
+                                whole_rows=whole)
             loss.backward()
         loss_sum = loss_sum + loss.detach().float()
     count = backend.all_reduce_sum(count)
@@ -111,7 +115,8 @@ def _run(cfg, backend) -> int:
                             diffusion_from=cfg.mask_rate_steps)
     loader = TrainLoader(files.train, rows, cfg.max_length, rank=backend.rank, world_size=backend.world_size,
                          seed=cfg.seed, masking=masking, micro_steps_per_step=cfg.grad_accum, crop=cfg.crop,
-                         doc_multiple=doc_multiple(cfg), length_buckets=cfg.length_buckets)
+                         doc_multiple=doc_multiple(cfg), length_buckets=cfg.length_buckets,
+                         whole_rows=cfg.whole_rows)
     eval_rows = max(1, cfg.eval_batch_size // BENCH_LENGTH)
     # evaluation lays each sequence where the model sees it whole (the Patch UNet's merge grid)
     eval_loader = lambda split: EvalLoader(getattr(files, split), eval_rows, BENCH_LENGTH, rank=backend.rank,

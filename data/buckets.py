@@ -20,6 +20,14 @@ W row groups; rank r keeps rows r, r + W, r + 2W, ... and reads only their token
 buckets per step follows the data, ranks share no document within an epoch and together cover
 every document, and a step still has grad_accum micro-batches per rank. The pools hold less
 than n x LOOKAHEAD micro-batches of every rank, so the state stays small.
+
+With `whole_rows`, a piece that fills a row of L exactly (a document cropped to L, or one of
+exactly L positions) goes to a pool of its own, packed one piece per row: such a micro-batch
+has no row that holds two documents or padding beside a document, so attention needs no mask at
+all (SDPA's fast kernels, the Neuron flash kernel), and the loader says so (`whole_rows` in the
+batch). The pool is chosen like the others, from the global stream, so every rank runs the
+mask-free graph at the same micro-step. Its last micro-batch of an epoch may end in rows of
+padding only, which need no mask either (padding attends to padding in the masked graph too).
 """
 
 from __future__ import annotations
@@ -72,10 +80,12 @@ class BucketPacker:
     """
 
     def __init__(self, reader, batch_size: int, seq_len: int, rank: int, world_size: int, lengths: list[int],
-                 doc_multiple: int = 1):
-        """lengths: the row lengths, shortest first, the last seq_len (bucket_lengths)."""
+                 doc_multiple: int = 1, whole_rows: bool = False):
+        """lengths: the row lengths, shortest first, the last seq_len (bucket_lengths).
+        whole_rows: pieces that fill a row of seq_len exactly get a pool (the last) of their own."""
         self.reader, self.rank, self.world, self.multiple = reader, rank, world_size, doc_multiple
-        self.lengths = list(lengths)
+        self.lengths = list(lengths) + ([seq_len] if whole_rows else [])
+        self.whole = len(lengths) if whole_rows else None  # the index of the whole-row pool
         self.rows = [batch_size * seq_len // length for length in self.lengths]  # per rank
         self.fill = LOOKAHEAD * batch_size * seq_len * world_size  # pool tokens that trigger packing
         self.pools: list[list[tuple]] = [[] for _ in self.lengths]
@@ -102,6 +112,8 @@ class BucketPacker:
     def _add(self, pieces: list[tuple]):
         for piece in pieces:
             k = bucket_of(span(piece[2], self.multiple), self.lengths)
+            if self.whole is not None and span(piece[2], self.multiple) == self.lengths[-1]:
+                k = self.whole
             self.pools[k].append(piece)
             self.pool_tokens[k] += span(piece[2], self.multiple)
 
@@ -122,11 +134,17 @@ class BucketPacker:
 
     def _pack(self, k: int) -> list[list[tuple]]:
         """The W * rows[k] rows of bucket k, in order: each starts first fit from bucket k's pool,
-        then fills its room first fit from the smaller buckets', shortest bucket last."""
+        then fills its room first fit from the smaller buckets', shortest bucket last. The
+        whole-row pool's rows hold one piece each (rows of padding once the pool runs out)."""
         length, out = self.lengths[k], []
+        if k == self.whole:
+            taken = self.pools[k][: self.world * self.rows[k]]
+            del self.pools[k][: len(taken)]
+            self.pool_tokens[k] -= len(taken) * length
+            return [[p] for p in taken] + [[] for _ in range(self.world * self.rows[k] - len(taken))]
         for _ in range(self.world * self.rows[k]):
             row, room = [], length
-            for j in range(k, -1, -1):
+            for j in range(k, -1, -1):  # never the whole-row pool, which comes after k
                 pool = self.pools[j]
                 if room < MIN_DOC or not pool:
                     continue
@@ -139,10 +157,11 @@ class BucketPacker:
         return out
 
     def next_tokens(self):
-        """This rank's rows of the next micro-batch: (rows[k], lengths[k]) tokens and doc ids."""
+        """This rank's rows of the next micro-batch: (rows[k], lengths[k]) tokens and doc ids,
+        and whether they came from the whole-row pool (attention needs no mask)."""
         k = self._choose()
         rows = self._pack(k)[self.rank :: self.world]
         tokens, docs = empty_rows(self.rows[k], self.lengths[k])
         for i, row in enumerate(rows):
             write_row(tokens, docs, i, row, self.reader._sources, self.multiple)
-        return self.reader._count(tokens, docs, [p for pool in self.pools for p in pool])
+        return (*self.reader._count(tokens, docs, [p for pool in self.pools for p in pool]), k == self.whole)

@@ -148,9 +148,10 @@ class _Packer:
         while len(self.pending) < WINDOW and (pieces := self._read()) is not None:
             self.pending += pieces
 
-    def next_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """One batch. A batch never mixes epochs: the last one of an epoch ends in padding rows,
-        so every batch belongs to `epoch` of the state that follows it."""
+    def next_tokens(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One batch: tokens, doc ids, and False (rows are not kept to one document each: only
+        BucketPacker's whole_rows does that). A batch never mixes epochs: the last one of an
+        epoch ends in padding rows, so every batch belongs to `epoch` of the state that follows it."""
         tokens, docs = empty_rows(self.B, self.L)
         for r in range(self.B):
             self._refill()
@@ -166,7 +167,7 @@ class _Packer:
                 continue
             row, _ = take_row(self.pending, self.L, self.doc_multiple)
             write_row(tokens, docs, r, row, self._sources, self.doc_multiple)
-        return self._count(tokens, docs, self.pending)
+        return (*self._count(tokens, docs, self.pending), False)
 
     def _count(self, tokens, docs, pending) -> tuple[np.ndarray, np.ndarray]:
         """Books a finished batch and lets go of shards no pending piece needs."""
@@ -197,7 +198,10 @@ def _bucket_set(length_buckets: int | list[int], seq_len: int, multiple: int) ->
 
 class TrainLoader:
     """Endless training batches dict(input_ids, labels, doc_ids): CPU LongTensors (B, L), plus
-    loss_weights (float32) and loss_counted (bool) under masked diffusion (data/masking.py).
+    loss_weights (float32) and loss_counted (bool) under masked diffusion (data/masking.py),
+    and `whole_rows: True` (a Python bool) on a micro-batch whose every row is one document or
+    padding only, so attention needs no mask (with length_buckets and whole_rows only; every
+    rank gets it at the same micro-step).
 
     Masking runs here on the CPU, from a generator seeded by (seed, rank, batch index), in a
     background thread that keeps up to `prefetch` batches ready (0 = no thread). state_dict()
@@ -220,6 +224,7 @@ class TrainLoader:
         prefetch: int = 4,
         doc_multiple: int = 1,
         length_buckets: int | list[int] = 1,
+        whole_rows: bool = False,
     ):
         self._thread = None  # set first: __del__ runs even when a check below fails
         files = [Path(f) for f in files]
@@ -242,10 +247,12 @@ class TrainLoader:
         if doc_multiple < 1 or seq_len % doc_multiple:
             raise ValueError(f"doc_multiple={doc_multiple} must be >= 1 and divide seq_len={seq_len}, "
                              "or a cropped document would never fit a row")
-        if lengths := _bucket_set(length_buckets, seq_len, doc_multiple):
+        lengths = _bucket_set(length_buckets, seq_len, doc_multiple) or ([seq_len] if whole_rows else [])
+        if lengths:
             # rank 0 of 1 reads the global stream that BucketPacker deals from
             reader = _Packer(files, batch_size, seq_len, 0, 1, seed, crop, doc_multiple)
-            self._packer = BucketPacker(reader, batch_size, seq_len, rank, world_size, lengths, doc_multiple)
+            self._packer = BucketPacker(reader, batch_size, seq_len, rank, world_size, lengths, doc_multiple,
+                                        whole_rows)
         else:
             self._packer = _Packer(files, batch_size, seq_len, rank, world_size, seed, crop, doc_multiple)
         self._config = {
@@ -259,6 +266,7 @@ class TrainLoader:
             "crop": crop,
             # only when set, so the states of loaders from before buckets still load
             **({"length_buckets": length_buckets} if lengths else {}),
+            **({"whole_rows": True} if whole_rows else {}),
         }
         self._consumed = self._packer.state()
 
@@ -266,9 +274,10 @@ class TrainLoader:
     def _produce_one(self) -> tuple[dict, dict]:
         p = self._packer
         index = p.batches
-        tokens, docs = p.next_tokens()
+        tokens, docs, whole = p.next_tokens()
         doc_ids = torch.from_numpy(docs)
-        return {**self.mask(torch.from_numpy(tokens), index, doc_ids), "doc_ids": doc_ids}, p.state()
+        batch = {**self.mask(torch.from_numpy(tokens), index, doc_ids), "doc_ids": doc_ids}
+        return {**batch, "whole_rows": True} if whole else batch, p.state()
 
     def mask(self, tokens: torch.Tensor, index: int, doc_ids: torch.Tensor | None = None) -> dict:
         """The masked fields of batch `index` from its (B, L) token ids (data.masking.mask_batch:
@@ -347,7 +356,7 @@ class TrainLoader:
         }
 
     def load_state_dict(self, sd: dict):
-        defaults = {"length_buckets": 1}  # a key written only when it differs from this
+        defaults = {"length_buckets": 1, "whole_rows": False}  # keys written only when they differ
         for k, v in {**defaults, **self._config}.items():
             if (got := sd.get(k, defaults.get(k))) != v:
                 raise ValueError(

@@ -173,9 +173,13 @@ def varlen_island(q, k, v, doc_ids, window):
     return varlen_attention(q, k, v, _last_runs[3])
 
 
-def build_mask(doc_ids: torch.Tensor, impl: str, window=None):
+def build_mask(doc_ids: torch.Tensor, impl: str, window=None, whole_rows: bool = False):
     """The mask object `attend` expects for this implementation, built once per forward.
-    window: None (whole documents) or the largest |query - key| a query may attend to."""
+    window: None (whole documents) or the largest |query - key| a query may attend to.
+    whole_rows: the caller knows (from the host, never from reading doc_ids) that every row is
+    one document or padding only, so without a window there is nothing to mask: None."""
+    if whole_rows and window is None:
+        return None
     if impl == "flex":
         return flex_block_mask(doc_ids, window)
     if impl == "varlen":
@@ -192,7 +196,10 @@ def reference_attention(q, k, v, mask):
 
 
 def attend(q, k, v, mask, impl: str):
-    """q, k, v: (B, H, L, head_dim); scale 1/sqrt(head_dim); bidirectional within documents."""
+    """q, k, v: (B, H, L, head_dim); scale 1/sqrt(head_dim); bidirectional within documents.
+    mask None: rows of one document each (build_mask's whole_rows), SDPA with no mask at all."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if impl == "flex":

@@ -61,11 +61,11 @@ class ESM2(nn.Module):
             with torch.no_grad():
                 m.weight[PAD_ID].zero_()
 
-    def encode(self, input_ids, doc_ids, window=None, all_layers=False):
+    def encode(self, input_ids, doc_ids, window=None, all_layers=False, whole_rows=False):
         """The final hidden states (B, L, d), after the last LayerNorm; with all_layers, the
         list [embedding output, block 1, ..., block n] whose last entry is normed (as HF's
         hidden_states)."""
-        mask = build_mask(doc_ids, self.cfg.attn_impl, window)
+        mask = build_mask(doc_ids, self.cfg.attn_impl, window, whole_rows)
         rope = rotary_cos_sin(doc_positions(doc_ids), self.inv_freq)
         x = self.embed(input_ids)
         if self.cfg.token_dropout:
@@ -78,6 +78,6 @@ class ESM2(nn.Module):
         hidden[-1] = self.norm(x)
         return hidden if all_layers else hidden[-1]
 
-    def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None):
-        logits = self.lm_head(self.encode(input_ids, doc_ids, window), self.embed.weight)
+    def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None, whole_rows=False):
+        logits = self.lm_head(self.encode(input_ids, doc_ids, window, whole_rows=whole_rows), self.embed.weight)
         return lm_output(logits, labels, loss_weights)

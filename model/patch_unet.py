@@ -139,7 +139,7 @@ class PatchUNet(nn.Module):
                     nn.init.zeros_(inner.attn.o.weight)
                 nn.init.zeros_(inner.mlp.fc2.weight)
 
-    def encode(self, input_ids, doc_ids, window=None, all_layers=False):
+    def encode(self, input_ids, doc_ids, window=None, all_layers=False, whole_rows=False):
         """The final hidden states (B, L, d), after the last norm; with all_layers, the
         full-resolution list [embedding output, U-Net output, extra block 1, ..., n] whose last
         entry is normed. `window` restricts attention at every level to keys at most that
@@ -152,7 +152,7 @@ class PatchUNet(nn.Module):
                 f"power of two tokens (max_length), e.g. {1 << (L - 1).bit_length()}.")
         norm = lambda t: weightless_norm(t, cfg.norm, cfg.norm_eps)
         ids = level_doc_ids(doc_ids, self.merges)
-        masks = {k: build_mask(ids[k], cfg.attn_impl, window) for k in self.attention_depths}
+        masks = {k: build_mask(ids[k], cfg.attn_impl, window, whole_rows) for k in self.attention_depths}
         ropes = {k: rotary_cos_sin(doc_positions(ids[k]), getattr(self, f"inv_freq_{k}")) if cfg.rotary else None
                  for k in self.attention_depths}
         # Padding enters as zeros (embedding, x0 and value embeddings) and bias-free blocks keep

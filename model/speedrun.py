@@ -66,12 +66,12 @@ class Speedrun(nn.Module):
                 nn.init.zeros_(block.attn.o.weight)
                 nn.init.zeros_(block.mlp.fc2.weight)
 
-    def encode(self, input_ids, doc_ids, window=None, all_layers=False):
+    def encode(self, input_ids, doc_ids, window=None, all_layers=False, whole_rows=False):
         """The final hidden states (B, L, d), after the last norm; with all_layers, the list
         [embedding output, block 1, ..., block n] whose last entry is normed (as HF's)."""
         cfg = self.cfg
         norm = lambda t: weightless_norm(t, cfg.norm, cfg.norm_eps)
-        mask = build_mask(doc_ids, cfg.attn_impl, window)
+        mask = build_mask(doc_ids, cfg.attn_impl, window, whole_rows)
         rope = rotary_cos_sin(doc_positions(doc_ids), self.inv_freq) if cfg.rotary else None
         x = self.embed(input_ids)
         if cfg.token_dropout:  # the following norm cancels ESM2's per-document rescale
@@ -90,8 +90,8 @@ class Speedrun(nn.Module):
         hidden[-1] = norm(x)
         return hidden if all_layers else hidden[-1]
 
-    def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None):
-        logits = self.lm_head(self.encode(input_ids, doc_ids, window), self.embed.weight).float()
+    def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None, whole_rows=False):
+        logits = self.lm_head(self.encode(input_ids, doc_ids, window, whole_rows=whole_rows), self.embed.weight).float()
         if self.cfg.logit_softcap > 0:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return lm_output(logits, labels, loss_weights)

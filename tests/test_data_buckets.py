@@ -182,3 +182,78 @@ def test_the_loss_of_a_bucketed_batch_is_that_of_its_documents_alone(mixed):
             where = b["doc_ids"][r] == k
             alone, _ = model(b["input_ids"][r][where][None], torch.zeros(1, int(where.sum()), dtype=torch.long))
             np.testing.assert_allclose(logits[r][where].detach().numpy(), alone[0].detach().numpy(), atol=2e-5)
+
+
+# ------------------------------------------------------------------ whole rows (whole_rows=True)
+
+
+@pytest.fixture
+def with_whole(tmp_path):
+    """The mixed documents plus 60 of exactly 62 residues, which fill a row of 64 alone."""
+    docs = make_docs(7, 200, lo=1, hi=60, long=(60,) * 60)  # make_docs adds 2 residues to each
+    return [write(tmp_path, "t_train_000000.bin", docs[::2]), write(tmp_path, "t_train_000001.bin", docs[1::2])], docs
+
+
+def is_whole(doc_ids: torch.Tensor) -> bool:
+    """Every row one document filling it, or padding only."""
+    return bool(((doc_ids == 0).all(1) | (doc_ids == -1).all(1)).all())
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("n", [1, 4])
+def test_whole_rows_come_in_micro_batches_of_their_own_on_every_rank_at_once(with_whole, n, world_size):
+    files, docs = with_whole
+    loaders = [TrainLoader(files, ROWS, L, rank=r, world_size=world_size, seed=5, length_buckets=n,
+                           whole_rows=True, prefetch=0) for r in range(world_size)]
+    seen, flags = Counter(), []
+    while True:
+        batches = [next(ld) for ld in loaders]
+        if loaders[0].epoch > 0:
+            break
+        flags.append(batches[0].get("whole_rows", False))
+        assert all(b.get("whole_rows", False) == flags[-1] for b in batches), "ranks disagree on whole rows"
+        assert all(b["doc_ids"].shape == batches[0]["doc_ids"].shape for b in batches)
+        for b in batches:
+            if flags[-1]:
+                assert b["doc_ids"].shape == (ROWS, L) and is_whole(b["doc_ids"])
+            elif b["doc_ids"].shape[1] == L:  # a piece that fills a row of L never lands in a mixed one
+                assert not any((row == 0).all() for row in b["doc_ids"])
+            seen.update(segments(b))
+    assert seen == Counter(d.tobytes() for d in docs), "an epoch lost or repeated documents"
+    assert sum(flags) >= 60 // (ROWS * world_size) and not all(flags)
+
+
+def test_without_whole_rows_the_same_documents_fill_rows_beside_others(with_whole):
+    """The control: the plain loader puts the row-filling documents in mixed micro-batches and
+    never marks one whole, so the test above sees what the switch does."""
+    files, _ = with_whole
+    loader = TrainLoader(files, ROWS, L, seed=5, prefetch=0)
+    batches = [next(loader) for _ in range(40)]
+    assert not any("whole_rows" in b for b in batches)
+    assert any((row == 0).all() for b in batches for row in b["doc_ids"]) and not all(is_whole(b["doc_ids"]) for b in batches)
+
+
+@pytest.mark.parametrize("kw", [dict(whole_rows=True), dict(whole_rows=True, length_buckets=4)])
+def test_a_whole_rows_loader_resumes_bit_exact(with_whole, kw):
+    files, _ = with_whole
+    kw = dict(seed=3, masking=MaskingConfig(rule="esm2", rate=0.2), rank=1, world_size=2, **kw)
+    expected = [next(ld) for ld in [TrainLoader(files, ROWS, L, prefetch=0, **kw)] for _ in range(50)]
+    first = TrainLoader(files, ROWS, L, prefetch=3, **kw)
+    for _ in range(17):
+        next(first)
+    state = first.state_dict()
+    resumed = TrainLoader(files, ROWS, L, prefetch=2, **kw)
+    resumed.load_state_dict(state)
+    for want in expected[17:]:
+        got = next(resumed)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want if k != "whole_rows")
+    assert any("whole_rows" in b for b in expected[17:])
+    first.close()
+    resumed.close()
+
+
+def test_a_state_with_other_whole_rows_is_refused(with_whole):
+    files, _ = with_whole
+    whole = TrainLoader(files, ROWS, L, whole_rows=True, prefetch=0).state_dict()
+    with pytest.raises(ValueError, match="whole_rows=True but this loader has False"):
+        TrainLoader(files, ROWS, L, prefetch=0).load_state_dict(whole)

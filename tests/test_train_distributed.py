@@ -116,6 +116,26 @@ def test_two_ranks_with_length_buckets_train_and_resume_identically(tmp_path):
     assert summary["tokens_all"] <= 6 * 512  # bucket rows keep at most the run's slots
 
 
+
+def test_two_ranks_with_whole_rows_train_and_resume_identically(tmp_path):
+    """Rows a cropped document fills alone run in mask-free micro-batches of their own (here
+    about a fifth of the documents are longer than the rows); the pools resume exactly."""
+    from data.datasets import resolve_dataset
+    from data.loader import TrainLoader
+
+    data = write_tiny_shards(tmp_path / "data")
+    args = ["--num_steps", "12", "--whole_rows", "true", "--save_every", "6"]
+    _, straight = run_train(tmp_path, data, "straight", *args, launcher=TWO_RANKS)
+    run_train(tmp_path, data, "paused", *args, "--steps_this_run", "6", launcher=TWO_RANKS)
+    _, resumed = run_train(tmp_path, data, "paused", *args, "--resume", "auto", launcher=TWO_RANKS)
+    assert losses(straight) == losses(resumed) and sorted(losses(straight)) == list(range(1, 13))
+    cfg = [r for r in straight if r["kind"] == "header"][0]["config"]
+    loader = TrainLoader(resolve_dataset(str(data), None).train, cfg["batch_size"] // 2 // cfg["max_length"],
+                         cfg["max_length"], seed=cfg["seed"], rank=0, world_size=2, whole_rows=True, prefetch=0)
+    kinds = [bool(next(loader).get("whole_rows")) for _ in range(12)]
+    assert any(kinds[6:]) and not all(kinds), f"the resumed half met no whole-row micro-batch: {kinds}"
+
+
 LEAVE = """
 import atexit, sys
 import torch.distributed as dist

@@ -1,5 +1,6 @@
 """Length-bucketed micro-batches on XLA (torch-xla's CPU runtime): one graph per bucket shape,
-compiled once, then no more as the shapes recur; and the loss curve of --device cpu."""
+compiled once, then no more as the shapes recur; and the loss curve of --device cpu. The same
+for whole rows (--whole_rows): the mask-free micro-batches are one more graph, compiled once."""
 
 from __future__ import annotations
 
@@ -13,32 +14,52 @@ from test_xla_train import STEPS, curve, tiny_data, train  # noqa: E402,F401  (t
 BUCKETS = ["--length_buckets", "4", "--eval_every", "0", "--save_every", "0"]
 
 
-def shapes_by_step(data, steps: int) -> list[tuple[int, int]]:
-    """The micro-batch shape of every step of the run, from the loader the run builds."""
+def shapes_by_step(data, steps: int, rows: int = 4, length: int = 128, **kw) -> list[tuple]:
+    """(rows, length, whole rows?) of the micro-batch of every step of the run, from the loader
+    the run builds (the tiny run's 512 token slots, seed 3)."""
     from data.datasets import resolve_dataset
     from data.loader import TrainLoader
 
-    loader = TrainLoader(resolve_dataset(str(data), None).train, 4, 128, seed=3, length_buckets=4, prefetch=0)
-    return [tuple(next(loader)["doc_ids"].shape) for _ in range(steps)]
+    loader = TrainLoader(resolve_dataset(str(data), None).train, rows, length, seed=3, prefetch=0, **kw)
+    batches = (next(loader) for _ in range(steps))
+    return [(*b["doc_ids"].shape, bool(b.get("whole_rows"))) for b in batches]
 
 
-def test_bucketed_steps_compile_one_graph_per_shape_and_match_the_cpu(tiny_data, tmp_path):  # noqa: F811
-    records = train(tmp_path, tiny_data, "xla_buckets", "--device", "xla", *BUCKETS)
+def assert_graphs_follow_new_kinds(records, kinds: list[tuple]) -> None:
+    """After the first two steps, every kind of micro-batch new since step 1 costs graphs (at
+    most 2) and a repeated one none. (Step 1 creates the optimizer state, so its graphs are its
+    own: its kind is new again when it next comes.)"""
     steps = {r["step"]: r["compiles"] for r in records if r.get("kind") == "step"}
-    shapes = shapes_by_step(tiny_data, STEPS)
-    # the data picks the buckets: documents of 20-89 residues fill rows of 64 and 96 here
-    assert len(set(shapes)) >= 2, f"the tiny run uses one shape only: {shapes}"
-    # after the first two steps (the first creates the optimizer state), every new shape costs
-    # graphs and a repeated one none
-    for step in range(3, STEPS + 1):
-        new_shape = shapes[step - 1] not in shapes[: step - 1]
-        assert (steps[step] > steps[step - 1]) == new_shape, (step, steps, shapes)
-    later = len(set(shapes[2:]) - set(shapes[:2]))  # shapes first seen after step 2
-    assert later and (steps[STEPS] - steps[2]) / later <= 2, f"more than 2 graphs per bucket shape: {steps}"
+    new = {step: kinds[step - 1] not in kinds[1 : step - 1] for step in range(3, STEPS + 1)}
+    for step, new_kind in new.items():
+        assert (steps[step] > steps[step - 1]) == new_kind, (step, steps, kinds)
+    later = sum(new.values())
+    assert later and (steps[STEPS] - steps[2]) / later <= 2, f"more than 2 graphs per kind: {steps}"
 
-    cpu = curve(train(tmp_path, tiny_data, "cpu_buckets", "--device", "cpu", *BUCKETS))
-    xla = curve(records)
+
+def assert_curves_agree(records, cpu_records) -> None:
+    cpu, xla = curve(cpu_records), curve(records)
     assert sorted(xla) == sorted(cpu) == list(range(1, STEPS + 1))
     assert xla[1] == pytest.approx(cpu[1], rel=1e-5)
     worst = max(abs(xla[s] - cpu[s]) / cpu[s] for s in xla)
     assert worst < 2e-2, f"loss curves differ by {worst:.2%}: xla {xla} cpu {cpu}"
+
+
+def test_bucketed_steps_compile_one_graph_per_shape_and_match_the_cpu(tiny_data, tmp_path):  # noqa: F811
+    records = train(tmp_path, tiny_data, "xla_buckets", "--device", "xla", *BUCKETS)
+    shapes = shapes_by_step(tiny_data, STEPS, length_buckets=4)
+    # the data picks the buckets: documents of 20-89 residues fill rows of 64 and 96 here
+    assert len(set(shapes)) >= 2, f"the tiny run uses one shape only: {shapes}"
+    assert_graphs_follow_new_kinds(records, shapes)
+    assert_curves_agree(records, train(tmp_path, tiny_data, "cpu_buckets", "--device", "cpu", *BUCKETS))
+
+
+def test_whole_rows_compile_one_more_graph_once_and_match_the_cpu(tiny_data, tmp_path):  # noqa: F811
+    """Rows of 64: documents of 63-89 residues are cropped to fill a row alone, and their
+    micro-batches run attention with no mask, one more graph of the same shape."""
+    whole = ["--max_length", "64", "--whole_rows", "true", "--eval_every", "0", "--save_every", "0"]
+    records = train(tmp_path, tiny_data, "xla_whole", "--device", "xla", *whole)
+    kinds = shapes_by_step(tiny_data, STEPS, rows=8, length=64, whole_rows=True)
+    assert {k[2] for k in kinds[2:]} == {True, False}, f"the run needs both kinds after warm-up: {kinds}"
+    assert_graphs_follow_new_kinds(records, kinds)
+    assert_curves_agree(records, train(tmp_path, tiny_data, "cpu_whole", "--device", "cpu", *whole))

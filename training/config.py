@@ -40,6 +40,10 @@ class TrainConfig:
     # n > 1: each micro-batch is rows of one length max_length * k / n, short documents in short
     # rows, so dense attention costs about what the documents need (data/buckets.py, docs/training.md)
     length_buckets: int = 1
+    # true: documents that fill a row of max_length alone (crops of longer ones) are packed into
+    # micro-batches of their own, whose attention runs with no mask (SDPA's fast kernels, the
+    # Neuron flash kernel); with or without length_buckets (data/buckets.py, docs/training.md)
+    whole_rows: bool = False
     # patch_unet: each document starts at a multiple of 2^(its merges), padding between, so no
     # merged token of any level mixes two documents (docs/models.md, "Patch UNet")
     align_docs: bool = False
@@ -103,7 +107,7 @@ class TrainConfig:
                 "crop", "mask_rule", "mask_rate", "mask_rate_start", "mask_rate_steps", "seed")
         # keys added later count only when set, so checkpoints written before them still resume
         later = ("masked_diffusion", "diffusion_rate_per", "attn_window", "attn_window_start",
-                 "attn_window_steps", "align_docs", "length_buckets")
+                 "attn_window_steps", "align_docs", "length_buckets", "whole_rows")
         return {**{k: getattr(self, k) for k in keys},
                 **{k: getattr(self, k) for k in later if getattr(self, k) != _FIELDS[k].default}}
 
