@@ -1,13 +1,16 @@
 """Our attention implementations side by side on this machine, in one process, interleaved.
 
     python -m speed.attention [--presets esm2_8m,sample] [--shapes 1x1024,4x1024,16x512]
-                              [--impls sdpa,varlen] [--reps 7] [--threads N]
+                              [--impls sdpa,varlen,nomask] [--reps 7] [--threads N]
 
 For each preset and B x L shape: real packed rows of the shipped sample (data/packing.py, first
 fit, whole sequences cut to L), and per implementation
   attention   the attention call alone, forward + backward, at the model's heads and head dim
   step        the model's forward + backward on the same rows (no optimizer)
-Implementations run round-robin, one repeat each in turn, so a change of load hits all alike;
+`nomask` is SDPA with no mask at all, what a micro-batch of whole rows runs (`--whole_rows`):
+the same shapes, timed on the same rows although they hold several documents (its numbers are
+a cost, not a result). Implementations run round-robin, one repeat each in turn, so a change of
+load hits all alike;
 the table gives medians and each implementation's time over the first one's. `sum l^2 / B L^2`
 is the share of the dense score matrix that the documents need.
 """
@@ -28,9 +31,11 @@ from model.config import ATTN_IMPLS
 from speed.models import Workload
 
 SAMPLE_SHAPE = dict(n_layers=4, d_model=128, n_heads=2, d_ff=384)  # config/sample.yaml's model
+NO_MASK = "nomask"  # SDPA with no mask: the cost of a whole-row micro-batch
 
 
 def _config(preset: str, impl: str):
+    impl = "sdpa" if impl == NO_MASK else impl
     return get_config(preset, attn_impl=impl, **(SAMPLE_SHAPE if preset == "sample" else {}))
 
 
@@ -48,12 +53,14 @@ def _timers(preset: str, impls: list[str], batch: int, length: int, seed: int) -
         torch.manual_seed(seed)
         model = build_model(_config(preset, impl))
 
-        def attention(impl=impl):
-            out = attend(*qkv, build_mask(doc_ids, impl), impl)
+        whole = impl == NO_MASK
+
+        def attention(impl=impl, whole=whole):
+            out = attend(*qkv, None, "sdpa") if whole else attend(*qkv, build_mask(doc_ids, impl), impl)
             torch.autograd.grad(out.sum(), qkv)
 
-        def step(model=model):
-            _, loss = model(ids, doc_ids, labels)
+        def step(model=model, whole=whole):
+            _, loss = model(ids, doc_ids, labels, whole_rows=whole)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -92,8 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
-    if not impls or set(impls) - set(ATTN_IMPLS) or "flex" in impls:
-        raise SystemExit(f"speed.attention: --impls {args.impls!r}: use a comma list of sdpa, varlen, reference.")
+    if not impls or set(impls) - {*ATTN_IMPLS, NO_MASK} or "flex" in impls:
+        raise SystemExit(f"speed.attention: --impls {args.impls!r}: use a comma list of sdpa, varlen, reference, "
+                         f"{NO_MASK}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "

@@ -8,11 +8,12 @@ from speed import attention
 
 
 def test_prints_one_row_per_implementation_with_ratios(capsys):
-    attention.main(["--presets", "sample", "--shapes", "2x64", "--reps", "1", "--threads", "1"])
+    attention.main(["--presets", "sample", "--shapes", "2x64", "--reps", "1", "--threads", "1",
+                    "--impls", "sdpa,varlen,nomask"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| sample")]
-    assert [r[3].strip() for r in rows] == ["sdpa", "varlen"]
-    first, second = ([c.strip() for c in r] for r in rows)
+    assert [r[3].strip() for r in rows] == ["sdpa", "varlen", "nomask"]
+    first, second, _ = ([c.strip() for c in r] for r in rows)
     assert first[5] == "1.00" and first[7] == "1.00"  # the first implementation is the unit
     # the ratio is of the unrounded medians: within what printing to 0.1 ms allows
     assert float(second[4]) > 0 and float(second[5]) == pytest.approx(float(second[4]) / float(first[4]), rel=0.1)
