@@ -9,6 +9,9 @@ import torch
 
 ARCHS = ("esm2", "speedrun", "patch_unet")
 ATTN_IMPLS = ("sdpa", "flex", "varlen", "reference")
+# Fields that choose how attention is computed on a device, not what the model is: the weights
+# do not depend on them, so a checkpoint resumes or evaluates with another device's choice.
+EXECUTION_FIELDS = ("attn_impl", "attn_fp32_max_head_dim")
 ACTIVATIONS = ("gelu", "relu2")
 NORMS = ("layer", "rms")
 
@@ -39,6 +42,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     token_dropout: bool = True  # zero <mask> embeddings; ESM2 also rescales per document
     attn_impl: str = "sdpa"  # chosen by runtime/: "flex" on CUDA compiled, "varlen" on the eager CPU
+    # Under autocast, attention runs in float32 when head_dim <= this (0: never). Chosen by
+    # runtime/: a CPU's bf16 attention kernels are slower than its fp32 ones at small head dims.
+    attn_fp32_max_head_dim: int = 0
     # Speedrun switches (each one flag for an ablation); ESM2_SWITCHES turns them all off.
     norm: str = "rms"  # weightless RMSNorm, or weightless LayerNorm
     qk_norm: bool = True
@@ -93,6 +99,8 @@ def _validate(c: ModelConfig) -> None:
     )
     need(c.vocab_size >= 33, f"model vocab_size={c.vocab_size} must be at least 33 (the ESM vocabulary).")
     need(c.attn_impl in ATTN_IMPLS, f"model attn_impl {c.attn_impl!r} is unknown; use one of {ATTN_IMPLS}.")
+    need(c.attn_fp32_max_head_dim >= 0, f"model attn_fp32_max_head_dim {c.attn_fp32_max_head_dim} must be >= 0 "
+         "(0: attention in the autocast dtype).")
     need(c.activation in ACTIVATIONS, f"model activation {c.activation!r} is unknown; use one of {ACTIVATIONS}.")
     need(c.norm in NORMS, f"model norm {c.norm!r} is unknown; use one of {NORMS}.")
     need(c.logit_softcap >= 0, f"model logit_softcap={c.logit_softcap} must be >= 0 (0 turns it off).")

@@ -48,7 +48,11 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # autocast can leave the norms and the value mix in float32; the kernels need one dtype
-        y = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, self.cfg.attn_impl)
+        if self.cfg.head_dim <= self.cfg.attn_fp32_max_head_dim:  # float32, where the device asks
+            with torch.autocast(q.device.type, enabled=False):  # autocast would cast SDPA back to bf16
+                y = attend(q.float(), k.float(), v.float(), mask, self.cfg.attn_impl)
+        else:
+            y = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, self.cfg.attn_impl)
         return self.o(y.transpose(1, 2).reshape(B, L, d))
 
 

@@ -328,6 +328,9 @@ class Backend:
         return []
 
 
+CPU_FP32_ATTENTION_HEAD_DIM = 24  # ESM2 8M (16) and 35M (24); not 150M (32) or the speedrun's 64
+
+
 class CPUBackend(Backend):
     """fp32 (or bf16 autocast when asked), gloo DDP when world_size > 1."""
 
@@ -341,7 +344,10 @@ class CPUBackend(Backend):
         # Eager: attention document by document, unmasked (BENCHMARKS.md, "Attention that costs
         # what the documents cost"); compiled, the dense masked SDPA keeps one graph (varlen as
         # an eager island between graphs measured level with eager varlen: "bf16 on the CPU").
-        return {} if self.compile else {"attn_impl": "varlen"}
+        # Under bf16, attention in fp32 up to head_dim 24: the CPU's bf16 flash attention took
+        # 1.0-2.0x its fp32 time there, and less beyond 32 (BENCHMARKS.md, "bf16 attention").
+        fp32_attention = {"attn_fp32_max_head_dim": CPU_FP32_ATTENTION_HEAD_DIM} if self.dtype is not None else {}
+        return {**({} if self.compile else {"attn_impl": "varlen"}), **fp32_attention}
 
     def describe(self) -> str:
         return f"{self.name} x{self.world_size} ({hardware.cpu_detail()})"

@@ -481,9 +481,10 @@ def benchmark(args) -> tuple[list[dict], str]:
     if args.warmup is None:
         args.warmup = 2 if backend.static_shapes else 1  # XLA: the first step's graph differs
     overrides = model_args(args.model_args)
-    attn = args.attn or backend.model_defaults().get("attn_impl", "sdpa")
+    defaults = backend.model_defaults()
+    attn = args.attn or defaults.get("attn_impl", "sdpa")
     try:  # every preset checked before the first measurement, so a typo fails at once
-        cfgs = {p: get_config(p, attn_impl=attn, **overrides) for p in presets}
+        cfgs = {p: get_config(p, **{**defaults, "attn_impl": attn, **overrides}) for p in presets}
     except ValueError as e:
         raise SystemExit(f"bench: {e}") from None
     pr = price(backend, args)

@@ -108,6 +108,8 @@ def test_the_eager_cpu_picks_varlen_the_compiled_takes_it_and_static_shapes_refu
     compiled = CPUBackend(SimpleNamespace(fsdp=False, compile="true"))
     assert eager.model_defaults() == {"attn_impl": "varlen"}
     assert compiled.model_defaults() == {}
+    bf16 = CPUBackend(SimpleNamespace(fsdp=False, compile="false", precision="bf16"))
+    assert bf16.model_defaults() == {"attn_impl": "varlen", "attn_fp32_max_head_dim": 24}
     varlen = get_config("sample", attn_impl="varlen")
     eager.check_trainable(varlen)
     compiled.check_trainable(varlen)  # an eager island between compiled graphs
@@ -123,6 +125,8 @@ def test_a_run_resumes_under_another_attention_but_not_another_model(tmp_path):
     sdpa, varlen = asdict(get_config("sample")), asdict(get_config("sample", attn_impl="varlen"))
     common = {"model_config": sdpa, "identity": {"seed": 0}}
     check_same_run(common, varlen, {"seed": 0}, tmp_path)  # the weights do not depend on it
+    fp32 = asdict(get_config("sample", attn_impl="varlen", attn_fp32_max_head_dim=24))
+    check_same_run(common, fp32, {"seed": 0}, tmp_path)  # nor on the attention's dtype
     wider = asdict(get_config("sample", attn_impl="varlen", d_model=64))
     with pytest.raises(CheckpointError, match="d_model=.*there vs 64 here"):
         check_same_run(common, wider, {"seed": 0}, tmp_path)
@@ -155,3 +159,33 @@ def test_compiled_varlen_is_an_eager_island_with_the_eager_numbers_and_no_recomp
             graphs = counters["stats"]["unique_graphs"]
     assert graphs > 1  # the island splits the forward
     assert counters["stats"]["unique_graphs"] == graphs  # three more layouts, no new graph
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+def test_attention_runs_in_float32_under_bf16_autocast_up_to_the_head_dim_asked(impl, monkeypatch):
+    """A CPU's bf16 attention kernels are slow at small head dims (BENCHMARKS.md): with
+    attn_fp32_max_head_dim the kernel gets float32 q, k, v with autocast off (autocast would
+    cast SDPA back to bf16), and the loss stays that of bf16 attention to bf16's precision."""
+    import model.layers as layers
+
+    seen = []
+    real_attend = layers.attend
+
+    def spy(q, k, v, mask, impl):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_attend(q, k, v, mask, impl)
+
+    monkeypatch.setattr(layers, "attend", spy)
+    ids, doc_ids, labels = packed_rows(rows=3, length=64, seed=5)
+    losses = {}
+    for limit in (0, 16, 8):  # sample shape here: head_dim 16
+        torch.manual_seed(0)
+        model = build_model(get_config("sample", n_layers=2, d_model=32, n_heads=2, d_ff=64, attn_impl=impl,
+                                       attn_fp32_max_head_dim=limit))
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, losses[limit] = model(ids, doc_ids, labels)
+        want = (torch.float32, False) if model.cfg.head_dim <= limit else (torch.bfloat16, True)
+        assert seen and set(seen) == {want}, (limit, seen)
+    torch.testing.assert_close(losses[16], losses[0], rtol=2e-2, atol=0)
+    assert losses[8] == losses[0]  # above the limit nothing changes

@@ -75,6 +75,7 @@ def test_t_eff_from_document_lengths():
         (dict(d_model=100, n_heads=3), "not divisible by n_heads"),
         (dict(activation="swish"), "activation 'swish' is unknown"),
         (dict(attn_impl="flash"), "attn_impl 'flash' is unknown"),
+        (dict(attn_fp32_max_head_dim=-1), "attn_fp32_max_head_dim -1 must be >= 0"),
         (dict(norm="batch"), "norm 'batch' is unknown"),
         (dict(n_layers=0), "n_layers=0 must be a positive integer"),
         (dict(logit_softcap=-1.0), "logit_softcap"),

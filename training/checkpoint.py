@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig
+from model.config import EXECUTION_FIELDS, ModelConfig
 from model.io import UnsafeFileError, load_file
 from runtime.errors import ConfigError
 
@@ -141,11 +141,11 @@ def _load(file: Path):
 def check_same_run(common: dict, model_config: dict, identity: dict, path: Path) -> None:
     """Refuses a checkpoint of another model or config, naming the first differences. A model
     field added after the checkpoint was written counts at its default (which keeps the model
-    it describes unchanged), so older checkpoints of the same run still resume. The attention
-    implementation is no part of the model (the weights do not depend on it): a run may resume
-    with another one, as on another device."""
+    it describes unchanged), so older checkpoints of the same run still resume. How attention is
+    computed (model.config.EXECUTION_FIELDS) is no part of the model (the weights do not depend
+    on it): a run may resume with another device's choice."""
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    model_only = lambda c: {k: v for k, v in c.items() if k != "attn_impl"}
+    model_only = lambda c: {k: v for k, v in c.items() if k not in EXECUTION_FIELDS}
     for what, theirs, ours in (("model config", model_only({**defaults, **common["model_config"]}),
                                 model_only(model_config)),
                                ("training config", common["identity"], identity)):
