@@ -344,8 +344,10 @@ class CPUBackend(Backend):
         # Eager: attention document by document, unmasked (BENCHMARKS.md, "Attention that costs
         # what the documents cost"); compiled, the dense masked SDPA keeps one graph (varlen as
         # an eager island between graphs measured level with eager varlen: "bf16 on the CPU").
-        # Under bf16, attention in fp32 up to head_dim 24: the CPU's bf16 flash attention took
-        # 1.0-2.0x its fp32 time there, and less beyond 32 (BENCHMARKS.md, "bf16 attention").
+        # Under bf16, attention in fp32 up to head_dim 24: there the CPU's fp32 flash attention
+        # took 0.56-0.85x (16) and 0.63-1.08x (24) the bf16 one's time for documents of 340 and
+        # 1,024 tokens, 1.15-2.04x from 32 up at 1,024 (`python -m speed.attention_dtype`,
+        # BENCHMARKS.md, "Attention in fp32 under bf16").
         fp32_attention = {"attn_fp32_max_head_dim": CPU_FP32_ATTENTION_HEAD_DIM} if self.dtype is not None else {}
         return {**({} if self.compile else {"attn_impl": "varlen"}), **fp32_attention}
 

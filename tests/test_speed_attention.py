@@ -27,3 +27,17 @@ def test_prints_one_row_per_implementation_with_ratios(capsys):
 def test_bad_options_end_in_one_sentence(argv, message):
     with pytest.raises(SystemExit, match=message):
         attention.main(argv)
+
+
+def test_the_dtype_table_has_a_row_per_head_dim_and_length(capsys):
+    from speed import attention_dtype
+
+    attention_dtype.main(["--head_dims", "16,64", "--lengths", "32", "--width", "64", "--reps", "1", "--threads", "1"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line[:3] in ("| 1", "| 6")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("16", "4", "32"), ("64", "1", "32")]
+    for r in rows:  # the ratio is of the unrounded medians: within what printing to 0.1 ms allows
+        bf16, fp32, ratio = float(r[3]), float(r[4]), float(r[5])
+        assert bf16 > 0 and (fp32 - 0.05) / (bf16 + 0.05) - 0.005 <= ratio <= (fp32 + 0.05) / max(bf16 - 0.05, 1e-3) + 0.005
+    with pytest.raises(SystemExit, match="comma list of integers"):
+        attention_dtype.main(["--head_dims", "sixteen"])
