@@ -200,8 +200,8 @@ class TrainLoader:
     """Endless training batches dict(input_ids, labels, doc_ids): CPU LongTensors (B, L), plus
     loss_weights (float32) and loss_counted (bool) under masked diffusion (data/masking.py),
     and `whole_rows: True` (a Python bool) on a micro-batch whose every row is one document or
-    padding only, so attention needs no mask (with length_buckets and whole_rows only; every
-    rank gets it at the same micro-step).
+    padding only, so attention needs no mask (with whole_rows only, bucketed or not: the
+    bucket packer then deals the global stream; every rank gets it at the same micro-step).
 
     Masking runs here on the CPU, from a generator seeded by (seed, rank, batch index), in a
     background thread that keeps up to `prefetch` batches ready (0 = no thread). state_dict()
