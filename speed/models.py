@@ -492,7 +492,8 @@ def benchmark(args) -> tuple[list[dict], str]:
     common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                   machine=args.machine, device=backend.describe(), accelerator=acc,
                   torch=torch.__version__, dtype=dtype_name(backend), **pr)
-    head = header(args, backend, pr, acc, attn)
+    fp32_upto = defaults.get("attn_fp32_max_head_dim", 0)
+    head = header(args, backend, pr, acc, attn + (f" (fp32 up to head_dim {fp32_upto})" if fp32_upto else ""))
     print(head, flush=True)
     plan = [(mode, L, B) for mode in modes for L in lengths
             for B in ([1] if mode == "realtime" else batches)]
