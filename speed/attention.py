@@ -69,7 +69,14 @@ def _timers(preset: str, impls: list[str], batch: int, length: int, seed: int) -
     return timers, needed / (batch * length**2)
 
 
-def _median_ms(fns: dict, reps: int) -> dict:
+def set_threads_line(threads: int, how: str) -> str:
+    """Sets torch's threads (0: its default) and names the run's setting for a table's head."""
+    if threads:
+        torch.set_num_threads(threads)
+    return f"# torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, {how}"
+
+
+def median_ms(fns: dict, reps: int) -> dict:
     for fn in fns.values():
         fn()  # warm-up
     times = {k: [] for k in fns}
@@ -102,16 +109,13 @@ def main(argv=None) -> None:
     if not impls or set(impls) - {*ATTN_IMPLS, NO_MASK} or "flex" in impls:
         raise SystemExit(f"speed.attention: --impls {args.impls!r}: use a comma list of sdpa, varlen, reference, "
                          f"{NO_MASK}.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
-          f"median of {args.reps} interleaved repeats")
+    print(set_threads_line(args.threads, f"median of {args.reps} interleaved repeats"))
     print("| model | B x L | sum l^2 / B L^2 | impl | attention fwd+bwd ms | vs first | model fwd+bwd ms | vs first |")
     print("|---|---|--:|---|--:|--:|--:|--:|")
     for preset in [x for x in args.presets.split(",") if x]:
         for batch, length in (_shape(s) for s in args.shapes.split(",") if s):
             timers, share = _timers(preset, impls, batch, length, args.seed)
-            ms = _median_ms({(i, k): fn for i, fns in timers.items() for k, fn in fns.items()}, args.reps)
+            ms = median_ms({(i, k): fn for i, fns in timers.items() for k, fn in fns.items()}, args.reps)
             for impl in impls:
                 a, s = ms[(impl, "attention")], ms[(impl, "step")]
                 a0, s0 = ms[(impls[0], "attention")], ms[(impls[0], "step")]

@@ -13,12 +13,11 @@ Both alternate rep by rep; the table gives medians and float32's time over bf16'
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from speed.attention import median_ms, set_threads_line
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -51,24 +50,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
     head_dims, lengths = _ints(args.head_dims, "--head_dims"), _ints(args.lengths, "--lengths")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
-          f"median of {args.reps} alternating repeats, forward + backward, no mask")
+    print(set_threads_line(args.threads, f"median of {args.reps} alternating repeats, forward + backward, no mask"))
     print("| head dim | heads | L | bf16 ms | float32 ms | float32 / bf16 |")
     print("|--:|--:|--:|--:|--:|--:|")
     for head_dim in head_dims:
         for length in lengths:
-            timers = _timers(head_dim, length, args.width, seed=0)
-            times = {k: [] for k in timers}
-            for fn in timers.values():
-                fn()  # warm-up
-            for _ in range(args.reps):
-                for k, fn in timers.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t)
-            bf16, fp32 = (1000 * statistics.median(times[k]) for k in ("bf16", "float32"))
+            ms = median_ms(_timers(head_dim, length, args.width, seed=0), args.reps)
+            bf16, fp32 = ms["bf16"], ms["float32"]
             print(f"| {head_dim} | {max(1, args.width // head_dim)} | {length} | {bf16:.1f} | {fp32:.1f} | "
                   f"{fp32 / bf16:.2f} |", flush=True)
 
