@@ -103,6 +103,33 @@ def test_the_model_runs_on_the_device_as_on_the_cpu():
 
 
 @lane
+def test_whole_rows_attend_without_a_mask_on_the_device_as_on_the_cpu():
+    """--whole_rows micro-batches: rows of one document each, SDPA with no mask (the path the
+    Neuron flash kernel takes), in fp32 and under bf16 autocast, against the CPU's masked graph."""
+    on_device("""
+        import torch
+        from model import build_model, get_config
+        from runtime import neuron
+        neuron.load()
+        torch.manual_seed(0)
+        ids = torch.randint(4, 24, (2, 512))
+        doc_ids = torch.zeros(2, 512, dtype=torch.long)
+        labels = torch.where(torch.rand(2, 512) < 0.2, ids, torch.full_like(ids, -100))
+        for dtype, tol in ((None, 1e-4), (torch.bfloat16, 3e-2)):
+            losses = {}
+            for device, whole in (("cpu", False), ("neuron", True)):
+                torch.manual_seed(0)
+                model = build_model(get_config("sample", n_layers=2, d_model=256, n_heads=2, d_ff=512,
+                                               attn_impl="sdpa")).to(device)
+                with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    _, loss = model(ids.to(device), doc_ids.to(device), labels.to(device), whole_rows=whole)
+                loss.backward()
+                losses[device] = loss.detach().float().cpu()
+            torch.testing.assert_close(losses["neuron"], losses["cpu"], rtol=tol, atol=tol)
+    """)
+
+
+@lane
 def test_fused_adamw_skips_a_non_finite_step_on_the_device():
     """optimizer_step with an inf gradient: found_inf makes fused AdamW and Muon leave every
     parameter as it was."""
