@@ -111,11 +111,10 @@ class BucketPacker:
     # -- production --
     def _add(self, pieces: list[tuple]):
         for piece in pieces:
-            k = bucket_of(span(piece[2], self.multiple), self.lengths)
-            if self.whole is not None and span(piece[2], self.multiple) == self.lengths[-1]:
-                k = self.whole
+            n = span(piece[2], self.multiple)
+            k = self.whole if self.whole is not None and n == self.lengths[-1] else bucket_of(n, self.lengths)
             self.pools[k].append(piece)
-            self.pool_tokens[k] += span(piece[2], self.multiple)
+            self.pool_tokens[k] += n
 
     def _fill(self):
         while max(self.pool_tokens) < self.fill and (pieces := self.reader._read()) is not None:

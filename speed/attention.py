@@ -56,7 +56,7 @@ def _timers(preset: str, impls: list[str], batch: int, length: int, seed: int) -
         whole = impl == NO_MASK
 
         def attention(impl=impl, whole=whole):
-            out = attend(*qkv, None, "sdpa") if whole else attend(*qkv, build_mask(doc_ids, impl), impl)
+            out = attend(*qkv, build_mask(doc_ids, impl, whole_rows=whole), impl)
             torch.autograd.grad(out.sum(), qkv)
 
         def step(model=model, whole=whole):

@@ -54,7 +54,8 @@ def loader(length: int, lengths: list[int] | None, seed: int = 0, whole: bool = 
                        whole_rows=whole)
 
 
-def designs(length: int, counts: list[int], with_whole: bool = True) -> list[tuple[str, list[int] | None]]:
+def designs(length: int, counts: list[int]) -> list[tuple[str, list[int] | None]]:
+    """Full rows, even buckets and powers of two; then full rows and even buckets with whole rows."""
     out = [("full rows", None)]
     for n in counts:
         if length % n == 0 and n > 1:
@@ -62,7 +63,7 @@ def designs(length: int, counts: list[int], with_whole: bool = True) -> list[tup
     for n in counts:
         if n > 2 and length >> (n - 1) >= 8:  # n=2 is the even n=2
             out.append((f"powers of 2, n={n}", [length >> k for k in reversed(range(n))]))
-    return out + [(name + WHOLE, lengths) for name, lengths in out if not name.startswith("powers")] * with_whole
+    return out + [(name + WHOLE, lengths) for name, lengths in out if not name.startswith("powers")]
 
 
 def packing_row(length: int, lengths, batches: int, whole: bool = False) -> dict:
@@ -97,12 +98,11 @@ def time_table(preset: str, length: int, counts: list[int], batches: int, reps: 
     torch.manual_seed(0)
     model = build_model(cfg)
     runs = {}
-    for n in [1, *counts]:
-        if length % n == 0 and (n > 1 or not runs):
-            for whole in (False, True):
-                ld = loader(length, bucket_lengths(length, n) if n > 1 else None, whole=whole)
-                runs[(f"length_buckets {n}" if n > 1 else "full rows") + WHOLE * whole] = [
-                    next(ld) for _ in range(batches)]
+    for n in [1, *(c for c in counts if c > 1 and length % c == 0)]:
+        for whole in (False, True):
+            ld = loader(length, bucket_lengths(length, n) if n > 1 else None, whole=whole)
+            name = (f"length_buckets {n}" if n > 1 else "full rows") + (WHOLE if whole else "")
+            runs[name] = [next(ld) for _ in range(batches)]
 
     def once(micro):
         t = time.perf_counter()
