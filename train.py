@@ -33,6 +33,7 @@ from runtime.devices import get_backend
 from training import checkpoint
 from training.config import ConfigError, doc_multiple, load_config, model_config, optim_config
 from training.data_setup import resolve_data, split_digest
+from training.precompile import kinds_text, precompile, precompile_wanted
 from training.runlog import RunLog, environment
 from training.sinks import make_sink
 
@@ -220,6 +221,7 @@ def _run(cfg, backend) -> int:
     in_row = torch.full((), state["skipped_in_row"], dtype=torch.long, device=backend.device)
     window_real = torch.zeros((), dtype=torch.long, device=backend.device)
     it = iter(loader)
+    precompiling = precompile_wanted(cfg.precompile, backend, len(loader.kinds()))
     backend.sync()
     window["start"] = time.perf_counter()
     first_step = state["step"] + 1  # this process's warm-up step
@@ -234,6 +236,12 @@ def _run(cfg, backend) -> int:
         # a fresh 0-d CPU tensor each step: the window reaches the graph as data, never as a constant
         attn_window = torch.tensor(cfg.attn_window_at(state["step"])) if cfg.attn_window else None
         loss_sum, count, real, grad_norm, stepped = train_step(model, batches, optimizer, backend, clip, attn_window)
+        if state["step"] + 1 == first_step and precompiling and first_step < end:  # in the warm-up step's time
+            runs = precompile(loader, first_step, cfg.grad_accum,
+                              lambda b, w=attn_window: train_step(model, b, optimizer, backend, clip, w),
+                              backend, model, optimizer, auto)
+            log.message(f"precompile: {runs} step(s) of every kind of micro-batch ({kinds_text(loader.kinds())}) "
+                        "traced in the warm-up step, then undone", echo=progress.write)
         window_real = window_real + real
         skipped = skipped + (~stepped).long()
         in_row = torch.where(stepped, 0, in_row + 1)

@@ -108,6 +108,10 @@ class BucketPacker:
     def seed(self) -> int:
         return self.reader.seed
 
+    def kinds(self) -> list[tuple[int, int, bool]]:
+        """(rows, length, whole rows?) of every kind of micro-batch this packer can yield."""
+        return [(rows, length, k == self.whole) for k, (rows, length) in enumerate(zip(self.rows, self.lengths))]
+
     # -- production --
     def _add(self, pieces: list[tuple]):
         for piece in pieces:

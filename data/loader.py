@@ -25,6 +25,7 @@ import torch
 from data.buckets import BucketPacker, bucket_lengths, check_buckets
 from data.masking import MaskingConfig, diffusion_rate, mask_batch
 from data.packing import MIN_DOC, WINDOW, empty_rows, open_shard, shard_tokens, take_row, write_row
+from data.tokenizer import FIRST_RESIDUE_ID
 
 # Masking runs on chunks of rows below torch's parallel grain (32,768 elements), so the
 # background thread never opens an OpenMP region: on cores busy with the training step such
@@ -92,6 +93,10 @@ class _Packer:
             setattr(self, k, int(s[k]))
         self.pending = [tuple(p) for p in s["pending"]]
         self._file = None
+
+    def kinds(self) -> list[tuple[int, int, bool]]:
+        """(rows, length, whole rows?) of every kind of micro-batch: one, full rows."""
+        return [(self.B, self.L, False)]
 
     def rank_documents(self, epoch: int, fid: int, n_docs: int) -> np.ndarray:
         """This rank's documents of file `fid` in `epoch`, in reading order: a permutation drawn
@@ -379,6 +384,24 @@ class TrainLoader:
     @property
     def batches_yielded(self) -> int:
         return self._consumed["batches"]
+
+    def kinds(self) -> list[tuple[int, int, bool]]:
+        """(rows, length, whole rows?) of every kind of micro-batch this loader can yield, each a
+        graph of its own where shapes compile (training/precompile.py)."""
+        return self._packer.kinds()
+
+    def example(self, kind: tuple[int, int, bool], step: int) -> dict:
+        """A batch of `kind` as optimizer step `step` would get it (the same fields, dtypes and
+        masking phase), every row one document that fills it; it leaves the loader as it was."""
+        rows, length, whole = kind
+        tokens, docs = empty_rows(rows, length)
+        n = length - 2  # <cls> residues <eos>
+        residues = {0: (np.arange(n) % 20 + FIRST_RESIDUE_ID).astype(tokens.dtype)}
+        for r in range(rows):
+            write_row(tokens, docs, r, [(0, 0, n)], residues)
+        doc_ids = torch.from_numpy(docs)
+        batch = {**self.mask(torch.from_numpy(tokens), step * self.micro_steps_per_step, doc_ids), "doc_ids": doc_ids}
+        return {**batch, "whole_rows": True} if whole else batch
 
     def close(self):
         self._stop_thread()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map_only
 
 from optim.autoclip import AutoClip
 from runtime import hardware
@@ -287,6 +288,28 @@ class Backend:
 
     def set_rng_state(self, state: dict) -> None:
         torch.set_rng_state(state["cpu"])
+
+    # -- steps that leave no trace (training/precompile.py) -------------------------------
+    def host_copy(self, tree):
+        """`tree` (nested dicts and lists) with every tensor copied to the host, this rank's
+        shard of a DTensor."""
+        return tree_map_only(torch.Tensor, lambda t: _local_tensors(t).detach().to("cpu", copy=True), tree)
+
+    def snapshot_training(self, model: nn.Module, optimizer) -> dict:
+        """Host copies of all an optimizer step changes on this rank: the parameters and buffers
+        (this rank's shards under FSDP2), the optimizer state and the random number generators."""
+        return {"tensors": self.host_copy([*model.parameters(), *model.buffers()]),
+                "optimizer": self.host_copy(self.optimizer_state_dict(model, optimizer)),
+                "rng": self.host_copy(self.rng_state())}
+
+    @torch.no_grad()
+    def restore_training(self, model: nn.Module, optimizer, snapshot: dict) -> None:
+        """Puts back what snapshot_training copied, exactly."""
+        for t, saved in zip([*model.parameters(), *model.buffers()], snapshot["tensors"], strict=True):
+            t = _local_tensors(t)
+            t.copy_(saved.to(t.device))
+        self.load_optimizer_state(model, optimizer, snapshot["optimizer"])
+        self.set_rng_state(snapshot["rng"])
 
     # -- numbers for the log ------------------------------------------------------------
     def memory_stats(self) -> dict:

@@ -43,6 +43,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from optim.autoclip import AutoClip
 from runtime.backend import Backend, scale_and_clip
@@ -285,6 +286,11 @@ class XLABackend(Backend):
         self._xla.sync()
         self._xm.wait_device_ops()
         return self._xm._maybe_convert_to_cpu(obj)
+
+    def host_copy(self, tree):
+        # cloned: on the CPU runtime the transfer can alias the device buffer, which the next
+        # step's graph donates to its outputs and overwrites
+        return tree_map_only(torch.Tensor, torch.clone, self._cpu(tree))
 
     def model_state_dict(self, model: nn.Module) -> dict:
         return self._cpu({k: v.detach() for k, v in self.unwrap(model).state_dict().items()})

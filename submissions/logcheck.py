@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.buckets import bucket_lengths
 from runtime.hardware import accelerator, cost_usd
 from submissions.logparse import (
     Line,
@@ -250,7 +251,21 @@ def check_headers(log: RunLogFile, fail) -> dict | None:
         if tb < ta:
             fail(b.lineno, f"header {b.index + 1} is dated {b.environment['date']}, before header "
                            f"{a.index + 1} ({a.environment['date']}): time goes backwards.")
+    if valid:
+        cfg["slots_min"] = fewest_step_slots(first.config, first.environment.get("world_size", 1))
     return cfg if valid else None
+
+
+def fewest_step_slots(config: dict, world) -> int:
+    """The fewest token slots an optimizer step can hold (tok/s_all counts slots): batch_size,
+    or less with length_buckets n > 1, whose micro-batches are floor(rows x L / L_k) rows of
+    L_k tokens (data/buckets.py), up to L_k slots short of rows x L; a step mixes them."""
+    B, n, L = config["batch_size"], config.get("length_buckets") or 1, config.get("max_length")
+    accum, world = config.get("grad_accum") or 1, world if isinstance(world, int) and world > 0 else 1
+    if not (isinstance(n, int) and n > 1 and isinstance(L, int) and B % (world * accum * L) == 0):
+        return B
+    per_rank = B // (world * accum)  # rows x L
+    return world * accum * min(per_rank // length * length for length in bucket_lengths(L, n))
 
 
 @dataclass
@@ -282,7 +297,7 @@ def check_lines(log: RunLogFile, lines: list[Line], cfg: dict, fail) -> _Run | N
             fail(ln.lineno, "the line has no step field.")
         elif ln.kind == "step":
             warmups += ln.warmup
-            _check_step(ln, prev, warm, warmups, seg, T, B, ln.segment not in started, fail)
+            _check_step(ln, prev, warm, warmups, seg, T, (cfg["slots_min"], B), ln.segment not in started, fail)
             started.add(ln.segment)
             warm = ln if ln.warmup else warm
             prev = ln
@@ -352,7 +367,7 @@ def _numbers(ln: Line) -> None:
         raise ValueError(f"the {ln.kind} line lacks {', '.join(missing)}")
 
 
-def _check_step(ln: Line, prev: Line | None, warm: Line | None, warmups: int, seg, T: int, B: int,
+def _check_step(ln: Line, prev: Line | None, warm: Line | None, warmups: int, seg, T: int, slots: tuple[int, int],
                 first: bool, fail) -> None:
     """One step line against the one before it in the run (`prev`; the last warm-up line
     `warm`; `warmups` warm-up steps so far, this one included)."""
@@ -374,6 +389,7 @@ def _check_step(ln: Line, prev: Line | None, warm: Line | None, warmups: int, se
                             "(warmup_time:).")
     elif ln.warmup:
         fail(ln.lineno, f"step {s} carries warmup_time but is not the first step of a process.")
+    B_lo, B = slots  # token slots per step: batch_size, fewer with length buckets
     tokens, tt = ln.num("tokens"), ln.num("train_time")
     if tokens > s * B:
         fail(ln.lineno, f"tokens:{ln.fields['tokens']} at step {s} exceeds step x batch_size = {s * B}.")
@@ -408,13 +424,17 @@ def _check_step(ln: Line, prev: Line | None, warm: Line | None, warmups: int, se
     else:
         seconds, what = tt - prev_tt, "train_time"
         slack = half_unit(ln.fields["train_time"]) + half_unit(prev_tt_raw)
-    for key, amount in (("tok/s", tokens - prev_tokens), ("tok/s_all", (s - prev_step) * B)):
+    steps = s - prev_step
+    for key, least, most in (("tok/s", tokens - prev_tokens, tokens - prev_tokens),
+                             ("tok/s_all", steps * B_lo, steps * B)):
         rate = ln.num(key)
-        implied = amount / rate if rate > 0 else float("inf")
-        tolerance = slack + 0.05 * implied + implied * half_unit(ln.fields[key]) / max(rate, 1e-9)
-        if abs(implied - seconds) > tolerance:
+        shortest, longest = (least / rate, most / rate) if rate > 0 else (float("inf"), float("inf"))
+        tolerance = slack + 0.05 * longest + longest * half_unit(ln.fields[key]) / max(rate, 1e-9)
+        if not shortest - tolerance <= seconds <= longest + tolerance:
+            amount = f"{most:.0f}" if least == most else f"{least:.0f}-{most:.0f}"
+            took = f"{longest:.2f}" if least == most else f"{shortest:.2f}-{longest:.2f}"
             fail(ln.lineno, f"{key}:{ln.fields[key]} does not fit the window since step {prev_step}: "
-                            f"{amount:.0f} tokens at that rate take {implied:.2f} s, but {what} grew "
+                            f"{amount} tokens at that rate take {took} s, but {what} grew "
                             f"by {seconds:.2f} s.")
     avg, timed = ln.num("step_avg"), s - warmups  # step_avg = train_time / steps that are not warm-up
     if not ln.warmup and avg is not None and timed > 0:
@@ -443,7 +463,12 @@ def check_summary(log: RunLogFile, cfg: dict, run: _Run, fail) -> None:
             fail(where[key], f"summary {key}:{summary[key]} disagrees with {what} ({expected}).")
 
     same("step", str(T), "num_steps")
-    same("tokens_all", str(T * B), "num_steps x batch_size")
+    if cfg["slots_min"] == B:
+        same("tokens_all", str(T * B), "num_steps x batch_size")
+    elif not T * cfg["slots_min"] <= _number_or_nan(summary.get("tokens_all")) <= T * B:
+        fail(where.get("tokens_all", at), f"summary tokens_all:{summary.get('tokens_all')} is not between "
+                                          f"{T * cfg['slots_min']} and {T * B}, the token slots of "
+                                          f"num_steps steps of length-bucketed micro-batches.")
     same("tokens", run.last.fields["tokens"], f"the last step line (line {run.last.lineno})")
     same("train_time", run.last.fields["train_time"], f"the last step line (line {run.last.lineno})")
     if run.warmup is not None:
@@ -492,6 +517,14 @@ def check_jsonl(log: RunLogFile, path: Path, fail) -> None:
                 fail(log.summaries[-1][0], f"summary {key}:{log.summary.get(key)} disagrees with the .jsonl ({v}).")
     elif (log.summary is None) != (j.summary is None):
         fail(None, "one of the text and the .jsonl has a summary and the other has not.")
+
+
+def _number_or_nan(raw) -> float:
+    try:
+        value = number(raw)
+    except ValueError:
+        return float("nan")
+    return float("nan") if value is None else value
 
 
 def _same_value(text, value) -> bool:

@@ -306,3 +306,24 @@ def test_plot_draws_any_runs(runs, tmp_path):
     out = tmp_path / "curves.png"
     assert leaderboard.main(["plot", str(logs / "good.txt"), str(logs / "resumed.txt"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
+
+
+def test_a_length_bucketed_log_verifies_with_its_fewer_token_slots(runs, tmp_path):
+    """Bucketed micro-batches hold floor(rows x L / L_k) rows of L_k, up to L_k slots short of
+    rows x L, so tokens_all and tok/s_all fall below num_steps x batch_size; verify allows
+    exactly that much and no more."""
+    from submissions.logcheck import fewest_step_slots
+
+    # 512 slots per micro-batch: rows of 96 leave 32 empty (5 x 96 = 480); 2 micro-batches of 256: 2 x 192
+    assert fewest_step_slots({"batch_size": 512, "max_length": 128, "length_buckets": 4}, 1) == 480
+    assert fewest_step_slots({"batch_size": 512, "max_length": 128, "length_buckets": 4, "grad_accum": 2}, 1) == 384
+    assert fewest_step_slots({"batch_size": 512, "max_length": 128, "length_buckets": 1}, 1) == 512
+    _, records = run_train(tmp_path, runs[1], "bucketed", *RUN, "--length_buckets", "4")
+    summary = [r for r in records if r["kind"] == "summary"][0]
+    assert 12 * 480 <= summary["tokens_all"] < 12 * 512  # the run did use short-slotted buckets
+    log = tmp_path / "logs" / "bucketed.txt"
+    verify(log)
+    low = copy((tmp_path / "logs", None), tmp_path, name="bucketed", edit=summary_field("tokens_all", "5000"),
+               as_name="low")
+    with pytest.raises(Rejected, match="tokens_all:5000 is not between 5760 and 6144"):
+        verify(low)

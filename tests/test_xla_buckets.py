@@ -1,6 +1,9 @@
 """Length-bucketed micro-batches on XLA (torch-xla's CPU runtime): one graph per bucket shape,
 compiled once, then no more as the shapes recur; and the loss curve of --device cpu. The same
-for whole rows (--whole_rows): the mask-free micro-batches are one more graph, compiled once."""
+for whole rows (--whole_rows): the mask-free micro-batches are one more graph, compiled once.
+With the precompile (on by default on XLA) every one of those graphs is compiled in the warm-up
+step, so the count stays flat from the first step line on; without it each kind compiles when
+the data first picks it."""
 
 from __future__ import annotations
 
@@ -37,6 +40,16 @@ def assert_graphs_follow_new_kinds(records, kinds: list[tuple]) -> None:
     assert later and (steps[STEPS] - steps[2]) / later <= 2, f"more than 2 graphs per kind: {steps}"
 
 
+def assert_flat_after_warmup(records) -> None:
+    """Every step graph compiled in the warm-up step (the precompile's steps traced each kind):
+    after it comes one graph at step 2, the log line's values (at step 1 the skip counters enter
+    it as constants; PT_XLA_DEBUG_LEVEL=1 names the step closure), and then none."""
+    steps = {r["step"]: r["compiles"] for r in records if r.get("kind") == "step"}
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert steps[2] - steps[1] <= 1 and set(steps[s] for s in range(2, STEPS + 1)) == {steps[2]}, \
+        f"graphs compiled after the warm-up step: {steps}"
+
+
 def assert_curves_agree(records, cpu_records) -> None:
     cpu, xla = curve(cpu_records), curve(records)
     assert sorted(xla) == sorted(cpu) == list(range(1, STEPS + 1))
@@ -46,12 +59,17 @@ def assert_curves_agree(records, cpu_records) -> None:
 
 
 def test_bucketed_steps_compile_one_graph_per_shape_and_match_the_cpu(tiny_data, tmp_path):  # noqa: F811
-    records = train(tmp_path, tiny_data, "xla_buckets", "--device", "xla", *BUCKETS)
+    records = train(tmp_path, tiny_data, "xla_buckets", "--device", "xla", *BUCKETS, "--precompile", "false")
     shapes = shapes_by_step(tiny_data, STEPS, length_buckets=4)
     # the data picks the buckets: documents of 20-89 residues fill rows of 64 and 96 here
     assert len(set(shapes)) >= 2, f"the tiny run uses one shape only: {shapes}"
     assert_graphs_follow_new_kinds(records, shapes)
-    assert_curves_agree(records, train(tmp_path, tiny_data, "cpu_buckets", "--device", "cpu", *BUCKETS))
+    cpu = train(tmp_path, tiny_data, "cpu_buckets", "--device", "cpu", *BUCKETS)
+    assert_curves_agree(records, cpu)
+    # the precompile (XLA's default) compiles every bucket in the warm-up step, the same curve
+    precompiled = train(tmp_path, tiny_data, "xla_buckets_pre", "--device", "xla", *BUCKETS)
+    assert_flat_after_warmup(precompiled)
+    assert curve(precompiled) == curve(records)
 
 
 def test_whole_rows_compile_one_more_graph_once_and_match_the_cpu(tiny_data, tmp_path):  # noqa: F811
@@ -61,5 +79,5 @@ def test_whole_rows_compile_one_more_graph_once_and_match_the_cpu(tiny_data, tmp
     records = train(tmp_path, tiny_data, "xla_whole", "--device", "xla", *whole)
     kinds = shapes_by_step(tiny_data, STEPS, rows=8, length=64, whole_rows=True)
     assert {k[2] for k in kinds[2:]} == {True, False}, f"the run needs both kinds after warm-up: {kinds}"
-    assert_graphs_follow_new_kinds(records, kinds)
+    assert_flat_after_warmup(records)
     assert_curves_agree(records, train(tmp_path, tiny_data, "cpu_whole", "--device", "cpu", *whole))

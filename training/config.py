@@ -74,6 +74,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, else neuron, else cpu) | cuda | cpu | neuron (trn2/trn3) | xla (trn1)
     precision: str = "auto"  # auto (bf16 on cuda/neuron/xla, fp32 on cpu) | bf16 | fp32 | bf16_sr (XLA: bf16 weights)
     compile: str = "auto"  # auto (on for cuda) | true | false; true works on the CPU too
+    # every kind of micro-batch (bucket shapes, whole rows) stepped once in the warm-up step and
+    # undone, so timed steps compile nothing: auto = on XLA/Neuron, and under compile with several kinds
+    precompile: str = "auto"  # auto | true | false
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP with several processes; not on xla
     seed: int = 0
     track: str = ""  # the leaderboard track this run claims (submissions/tracks.py), "" = none
@@ -125,7 +128,8 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"device": DEVICES, "precision": ("auto", "bf16", "bf16_sr", "fp32"),
-            "compile": ("auto", "true", "false"), "crop": ("random", "split"),
+            "compile": ("auto", "true", "false"),
+            "precompile": ("auto", "true", "false"), "crop": ("random", "split"),
             "mask_rule": ("esm2", "all_mask"), "diffusion_rate_per": ("sequence", "batch")}
 _POSITIVE = ("batch_size", "grad_accum", "max_length", "length_buckets", "num_steps", "log_every",
              "eval_batch_size", "keep_checkpoints", "max_skipped_steps")
@@ -236,7 +240,7 @@ def _coerce(key: str, value):
         return {k: _scalar(v) for k, v in value.items()}
     if kind != "str":
         value = _scalar(value)
-    if key == "compile" and isinstance(value, bool):
+    if key in ("compile", "precompile") and isinstance(value, bool):
         value = str(value).lower()
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
