@@ -4,18 +4,20 @@
     python evaluate.py --hf facebook/esm2_t6_8M_UR50D --data omg_prot50 --protocol splm
     python evaluate.py --checkpoint checkpoints/RUN --fasta seqs.fasta.gz   # any sequences
     python evaluate.py --unigram --data sample       # the residue-frequency baseline
+    python evaluate.py --composition 50 --data sample   # each protein's own composition
 
 --checkpoint takes a training checkpoint (a step directory, or a run directory: its newest
 step) or a weights file (model.io / `python -m hub import`). --hf takes a Hugging Face
 EsmForMaskedLM directory or Hub id, run as Hugging Face runs it (one padded sequence per row).
 --protocol splm is the published SpeedrunningPLMs evaluation (reference table, §8.1).
 --data DIR needs only the shards it scores: an evaluation-only dataset (`python -m data.prepare
---eval_only`, no train shards) works, except with --unigram.
+--eval_only`, no train shards) works, except with --unigram and --composition.
 --fasta scores every sequence of a file (FASTA plain or gzip, or any input of data.prepare)
 without a prepared dataset: each rank prepares it as an evaluation-only dataset, cut to 1024
 tokens, in a private temporary directory removed afterwards. The file's i-th (non-empty)
 sequence gets the benchmark masks of index i, and the numbers are printed as valid_*, like
---data DIR --split valid of `data.prepare FILE --eval_only`. --split and --unigram need --data.
+--data DIR --split valid of `data.prepare FILE --eval_only`. --split, --unigram and
+--composition need --data.
 Runs under torchrun too: sequences are dealt to ranks and the sums reduced.
 """
 
@@ -37,7 +39,7 @@ from evaluation.inputs import (
     load_hf_model,
 )
 from evaluation.splm import evaluate_splm
-from evaluation.unigram import Unigram
+from evaluation.unigram import Composition, Unigram
 from runtime.backend import leave
 from runtime.devices import DEVICES, get_backend
 from runtime.errors import ConfigError
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     what.add_argument("--checkpoint", help="training checkpoint directory or weights file")
     what.add_argument("--hf", help="Hugging Face EsmForMaskedLM directory or Hub id")
     what.add_argument("--unigram", action="store_true", help="the residue-frequency baseline of --data's train split")
+    what.add_argument("--composition", type=float, metavar="ALPHA",
+                      help="the composition baseline: each protein's visible residues plus ALPHA pseudo-counts of the unigram")
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--data", help="sample | omg_prot50 | a shard directory (default sample)")
     source.add_argument("--fasta", help="score every sequence of this FASTA file (plain or gzip)")
@@ -69,8 +73,11 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from data.benchmark import EvalLoader
 
-    if args.fasta and args.unigram:
-        raise ConfigError("--unigram needs the train split of a --data dataset; --fasta has none.")
+    baseline = "--unigram" if args.unigram else "--composition" if args.composition is not None else None
+    if args.composition is not None and not args.composition > 0:
+        raise ConfigError(f"--composition {args.composition:g}: ALPHA, the unigram's pseudo-counts, must be > 0 (e.g. 50).")
+    if args.fasta and baseline:
+        raise ConfigError(f"{baseline} needs the train split of a --data dataset; --fasta has none.")
     if args.fasta and args.split:
         raise ConfigError("--split picks a split of --data; --fasta scores every sequence of "
                           f"{args.fasta}, so leave --split out.")
@@ -88,11 +95,15 @@ def _run(args) -> int:
             if not split:
                 raise ConfigError(f"--data {data} has no {split_name} shards; "
                                   "prepare it with --valid/--test sequences.")
-        if args.unigram:
+        if baseline:
             if not files.train:
-                raise ConfigError(f"--unigram needs train shards and --data {data} has none; "
+                raise ConfigError(f"{baseline} needs train shards and --data {data} has none; "
                                   "pass a dataset with a train split.")
-            model, name = Unigram(files.train), f"unigram of {data}/train"
+            if args.unigram:
+                model, name = Unigram(files.train), f"unigram of {data}/train"
+            else:
+                model, name = (Composition(files.train, args.composition),
+                               f"composition (alpha {args.composition:g}) toward the unigram of {data}/train")
         elif args.checkpoint:
             attention = backend.model_defaults().get("attn_impl", "sdpa")
             model, name = load_checkpoint_model(args.checkpoint, attention), args.checkpoint

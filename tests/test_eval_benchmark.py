@@ -1,4 +1,5 @@
-"""The benchmark: metric definitions, the splm protocol's batches, the unigram baseline, and
+"""The benchmark: metric definitions, the splm protocol's batches, the unigram and composition
+baselines, and
 evaluate.py giving the same numbers for a Hugging Face model and its imported checkpoint."""
 
 import math
@@ -13,7 +14,7 @@ import evaluate as evaluate_py
 from data.benchmark import EvalLoader
 from evaluation.benchmark import evaluate, metrics
 from evaluation.splm import splm_batches
-from evaluation.unigram import Unigram
+from evaluation.unigram import Composition, Unigram
 from runtime.backend import CPUBackend
 
 V = 33
@@ -143,6 +144,41 @@ def test_unigram_baseline_is_the_cross_entropy_of_the_train_frequencies(data):
     entropy = float(-(p * p.log()).sum())
     assert m["loss"] == pytest.approx(entropy, abs=0.15)  # valid drawn from the same distribution
     assert m["loss"] < math.log(20)  # the tiny data is skewed: better than uniform
+
+
+def test_composition_baseline_counts_each_documents_visible_residues(data):
+    """Against a loop over the documents of packed rows: p = (the document's visible residue
+    counts + alpha x unigram) / (its visible total + alpha) at each masked position."""
+    train, valid = sorted(data.glob("*_train_*.bin")), sorted(data.glob("*_valid_*.bin"))
+    alpha, unigram = 7.0, Unigram(train)
+    model, p_train = Composition(train, alpha), unigram.logp.exp().double()
+    total = count = 0.0
+    loss_sum = 0.0
+    for b in EvalLoader(valid, 4, 1024):
+        _, loss = model(b["input_ids"], b["doc_ids"], b["labels"])
+        loss_sum += float(loss)
+        for r in range(b["doc_ids"].shape[0]):
+            for doc in b["doc_ids"][r].unique().tolist():
+                at = b["doc_ids"][r] == doc
+                ids, labels = b["input_ids"][r][at], b["labels"][r][at]
+                seen = ids[(ids >= 4) & (ids < 32)]
+                counts = torch.bincount(seen, minlength=V).double()
+                p = (counts + alpha * p_train) / (len(seen) + alpha)
+                masked = labels != -100
+                total -= float(p[labels[masked]].log().sum())
+                count += int(masked.sum())
+    assert count > 0 and loss_sum == pytest.approx(total, rel=1e-5)
+    # a huge alpha is the unigram; a small one trusts the protein
+    loader = EvalLoader(valid, 4, 1024)
+    far = evaluate(Composition(train, 1e9), loader, CPUBackend())["loss"]
+    assert far == pytest.approx(evaluate(unigram, loader, CPUBackend())["loss"], abs=1e-5)
+    assert loss_sum / count != pytest.approx(far, abs=1e-3)
+
+
+def test_evaluate_refuses_a_composition_without_pseudo_counts(data, capsys):
+    assert evaluate_py.main(["--composition", "0", "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--composition 0" in err and "must be > 0" in err
 
 
 def printed(out: str) -> dict:

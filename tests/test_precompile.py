@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from train_support import ROOT, assert_user_error, losses, run_train, write_tiny_shards
+from train_support import ROOT, TWO_RANKS, assert_user_error, losses, run_train, write_tiny_shards
 
 sys.path.insert(0, str(ROOT))
 
@@ -105,3 +105,16 @@ def test_a_precompiled_run_trains_exactly_like_one_without(tmp_path):
 def test_an_unknown_precompile_setting_is_refused(tmp_path):
     proc, _ = run_train(tmp_path, write_tiny_shards(tmp_path / "data"), "bad", "--precompile", "maybe", rc=None)
     assert_user_error(proc, "precompile", "maybe")
+
+
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_two_ranks_precompile_in_step_and_train_exactly_like_without(tmp_path, fsdp):
+    """Two gloo ranks (DDP, or FSDP2 whose parameters and optimizer state are each rank's
+    shards) run the precompile's steps together, their all-reduces paired, and restore their
+    own state: the run repeats the one without it."""
+    data = write_tiny_shards(tmp_path / "data")
+    args = ["--num_steps", "5", "--length_buckets", "2", "--whole_rows", "true", "--fsdp", fsdp]
+    _, plain = run_train(tmp_path, data, "plain", *args, "--precompile", "false", launcher=TWO_RANKS)
+    _, pre = run_train(tmp_path, data, "pre", *args, "--precompile", "true", launcher=TWO_RANKS)
+    assert losses(pre) == losses(plain) and sorted(losses(pre)) == [1, 2, 3, 4, 5]
+    assert "precompile: 3 step(s)" in (tmp_path / "logs" / "pre.txt").read_text()

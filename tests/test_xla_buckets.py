@@ -81,3 +81,17 @@ def test_whole_rows_compile_one_more_graph_once_and_match_the_cpu(tiny_data, tmp
     assert {k[2] for k in kinds[2:]} == {True, False}, f"the run needs both kinds after warm-up: {kinds}"
     assert_flat_after_warmup(records)
     assert_curves_agree(records, train(tmp_path, tiny_data, "cpu_whole", "--device", "cpu", *whole))
+
+
+def test_precompile_covers_mixed_kinds_within_a_step_of_two_micro_batches(tiny_data, tmp_path):  # noqa: F811
+    """With grad_accum 2 a step's micro-batches may be of two kinds, and each micro-batch is a
+    graph of its own kind and place (first, or last with the update): the precompile's steps of
+    one kind each cover every mix. The run matches the one without it."""
+    args = [*BUCKETS, "--grad_accum", "2"]
+    kinds = shapes_by_step(tiny_data, 2 * STEPS, rows=2, length_buckets=4)
+    steps = list(zip(kinds[::2], kinds[1::2]))
+    assert any(a != b for a, b in steps[1:]), f"no step mixes two kinds: {steps}"
+    precompiled = train(tmp_path, tiny_data, "xla_accum_pre", "--device", "xla", *args)
+    assert_flat_after_warmup(precompiled)
+    plain = train(tmp_path, tiny_data, "xla_accum", "--device", "xla", *args, "--precompile", "false")
+    assert curve(precompiled) == curve(plain)
