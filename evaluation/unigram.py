@@ -49,7 +49,7 @@ class Composition(Unigram):
     def __init__(self, train_files, alpha: float):
         super().__init__(train_files)
         if not alpha > 0:
-            raise ValueError(f"--composition {alpha}: the pseudo-count must be > 0 (e.g. 50)")
+            raise ValueError(f"Composition: alpha={alpha}, the unigram's pseudo-counts, must be > 0")
         self.alpha = float(alpha)
 
     def forward(self, input_ids, doc_ids, labels=None):
