@@ -45,9 +45,15 @@ def bucket_lengths(seq_len: int, n_buckets: int) -> list[int]:
     return [seq_len * k // n_buckets for k in range(1, n_buckets + 1)]
 
 
+def bucket_shapes(rows: int, seq_len: int, lengths: list[int]) -> list[tuple[int, int]]:
+    """(rows, length) of each bucket's micro-batch in place of `rows` x `seq_len`: as many rows
+    as fill its token slots, floor(rows x seq_len / length), at most one row's slots fewer."""
+    return [(rows * seq_len // length, length) for length in lengths]
+
+
 def micro_batch_shapes(rows: int, seq_len: int, n_buckets: int) -> str:
     """The shapes of a run's micro-batches for its log: "8x1024", or one per bucket."""
-    return ",".join(f"{rows * seq_len // length}x{length}" for length in bucket_lengths(seq_len, n_buckets))
+    return ",".join(f"{r}x{length}" for r, length in bucket_shapes(rows, seq_len, bucket_lengths(seq_len, n_buckets)))
 
 
 def check_buckets(seq_len: int, n_buckets: int, multiple: int = 1) -> None:
@@ -86,7 +92,7 @@ class BucketPacker:
         self.reader, self.rank, self.world, self.multiple = reader, rank, world_size, doc_multiple
         self.lengths = list(lengths) + ([seq_len] if whole_rows else [])
         self.whole = len(lengths) if whole_rows else None  # the index of the whole-row pool
-        self.rows = [batch_size * seq_len // length for length in self.lengths]  # per rank
+        self.rows = [r for r, _ in bucket_shapes(batch_size, seq_len, self.lengths)]  # per rank
         self.fill = LOOKAHEAD * batch_size * seq_len * world_size  # pool tokens that trigger packing
         self.pools: list[list[tuple]] = [[] for _ in self.lengths]
         self.pool_tokens = [0] * len(self.lengths)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.buckets import bucket_lengths
+from data.buckets import bucket_lengths, bucket_shapes
 from runtime.hardware import accelerator, cost_usd
 from submissions.logparse import (
     Line,
@@ -264,8 +264,8 @@ def fewest_step_slots(config: dict, world) -> int:
     accum, world = config.get("grad_accum") or 1, world if isinstance(world, int) and world > 0 else 1
     if not (isinstance(n, int) and n > 1 and isinstance(L, int) and B % (world * accum * L) == 0):
         return B
-    per_rank = B // (world * accum)  # rows x L
-    return world * accum * min(per_rank // length * length for length in bucket_lengths(L, n))
+    rows = B // (world * accum * L)  # per rank and micro-batch
+    return world * accum * min(r * length for r, length in bucket_shapes(rows, L, bucket_lengths(L, n)))
 
 
 @dataclass
