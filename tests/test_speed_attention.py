@@ -46,3 +46,15 @@ def test_the_dtype_table_has_a_row_per_head_dim_and_length(capsys):
         assert bf16 > 0 and ratio_fits_printed_times(fp32, bf16, ratio), r
     with pytest.raises(SystemExit, match="comma list of integers"):
         attention_dtype.main(["--head_dims", "sixteen"])
+
+
+def test_the_dtype_table_adds_the_math_backend_when_asked(capsys):
+    from speed import attention_dtype
+
+    attention_dtype.main(["--head_dims", "16", "--lengths", "32", "--width", "32", "--reps", "1", "--threads", "1",
+                          "--math"])
+    lines = capsys.readouterr().out.splitlines()
+    header = [line for line in lines if line.startswith("| head dim")][0]
+    assert header.endswith("| bf16 math ms | float32 math ms |")
+    row = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| 16")][0]
+    assert len(row) == 8 and all(float(x) > 0 for x in row[6:]), row
