@@ -27,6 +27,7 @@ ESM2_SWITCHES = dict(
     unet=False,
     logit_softcap=0.0,
     tie_embeddings=True,
+    ngram_buckets=0,
 )
 
 
@@ -55,6 +56,14 @@ class ModelConfig:
     unet: bool = True  # U-Net skips with learned weights, plus the x0 residual mix
     logit_softcap: float = 32.0  # 0 turns it off
     tie_embeddings: bool = False
+    # > 0: context n-gram embeddings (model/ngram.py) hashed into this many table rows, one
+    # left, right and two-sided key per order in ngram_orders; 0 turns them off
+    ngram_buckets: int = 0
+    ngram_orders: tuple = (1, 2, 3, 4, 6, 8)
+    ngram_to: str = "input"  # where the looked-up rows go: "input" (d_model) or "logits" (vocab)
+    # the rows are multiplied by this (their init divided by it): under Adam, whose steps have a
+    # size set by the learning rate, a row that a key meets once an epoch moves `gain` times faster
+    ngram_gain: float = 1.0
     # Patch UNet only (arch "patch_unet"; 0 elsewhere): n_layers counts its encoder + decoder
     # blocks, extra_layers the full-resolution blocks after it, max_length the row length it is
     # built for (a power of two; training sets it to the run's max_length).
@@ -62,6 +71,8 @@ class ModelConfig:
     max_length: int = 0
 
     def __post_init__(self):
+        if isinstance(self.ngram_orders, list):  # YAML and JSON give lists
+            self.ngram_orders = tuple(self.ngram_orders)
         _validate(self)
 
     @property
@@ -104,6 +115,11 @@ def _validate(c: ModelConfig) -> None:
     need(c.activation in ACTIVATIONS, f"model activation {c.activation!r} is unknown; use one of {ACTIVATIONS}.")
     need(c.norm in NORMS, f"model norm {c.norm!r} is unknown; use one of {NORMS}.")
     need(c.logit_softcap >= 0, f"model logit_softcap={c.logit_softcap} must be >= 0 (0 turns it off).")
+    need(isinstance(c.ngram_buckets, int) and c.ngram_buckets >= 0,
+         f"model ngram_buckets={c.ngram_buckets!r} must be a whole number >= 0 (0 turns n-gram embeddings off).")
+    need(isinstance(c.ngram_orders, tuple) and len(c.ngram_orders) > 0
+         and all(isinstance(k, int) and 1 <= k <= 16 for k in c.ngram_orders),
+         f"model ngram_orders={c.ngram_orders!r} must be a non-empty list of context lengths from 1 to 16.")
     need(c.norm_eps > 0 and c.rope_base > 0, "model norm_eps and rope_base must be positive.")
     if c.arch == "esm2":
         wrong = {k: getattr(c, k) for k, v in ESM2_SWITCHES.items() if getattr(c, k) != v}
@@ -112,6 +128,11 @@ def _validate(c: ModelConfig) -> None:
             f"model arch 'esm2' is fixed by ESM2 but got speedrun settings {wrong}; "
             "drop them or use arch='speedrun'.",
         )
+    need(c.ngram_gain > 0, f"model ngram_gain={c.ngram_gain!r} must be > 0.")
+    need(c.ngram_to in ("input", "logits"), f"model ngram_to {c.ngram_to!r} must be 'input' or 'logits'.")
+    need(c.ngram_buckets == 0 or c.arch == "speedrun",
+         f"model ngram_buckets={c.ngram_buckets}: n-gram embeddings are built into arch 'speedrun' "
+         f"only (this is arch {c.arch!r}); set ngram_buckets to 0.")
     if c.arch != "patch_unet":
         need(
             c.extra_layers == 0 and c.max_length == 0,

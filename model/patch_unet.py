@@ -111,6 +111,7 @@ class PatchUNet(nn.Module):
         d, widths = cfg.d_model, unet_widths(cfg)
         self.encoder_depths, self.decoder_depths, self.merges = unet_depths(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.ngram = None  # Speedrun.forward's n-gram logits: not built into this arch (ModelConfig)
         # only when d_model is not a multiple of lcm(64, n_heads), or its heads exceed 128
         self.input_proj = nn.Linear(d, widths[0], bias=False) if widths[0] != d else None
         self.output_proj = nn.Linear(widths[0], d, bias=False) if widths[0] != d else None

@@ -11,6 +11,7 @@ from torch import nn
 from model.attention import build_mask, doc_positions, rotary_cos_sin, rotary_inv_freq
 from model.config import ModelConfig
 from model.layers import MLP, SelfAttention, lm_output, token_dropout, weightless_norm
+from model.ngram import NgramEmbedding
 
 
 class SpeedrunBlock(nn.Module):
@@ -53,6 +54,8 @@ class Speedrun(nn.Module):
         L = cfg.n_layers
         self.n_skip = L // 2  # encoder layers [0, n_skip) feed decoder layers [L - n_skip, L)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        width = cfg.d_model if cfg.ngram_to == "input" else cfg.vocab_size
+        self.ngram = NgramEmbedding(cfg.ngram_buckets, cfg.ngram_orders, width, cfg.ngram_gain) if cfg.ngram_buckets else None
         # One value embedding per encoder layer, shared with its mirror decoder layer (U-Net).
         n_ve = self.n_skip if cfg.value_embeds else 0
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(n_ve))
@@ -76,6 +79,8 @@ class Speedrun(nn.Module):
         x = self.embed(input_ids)
         if cfg.token_dropout:  # the following norm cancels ESM2's per-document rescale
             x = token_dropout(x, input_ids, doc_ids, rescale=False)
+        if self.ngram is not None and cfg.ngram_to == "input":
+            x = x + self.ngram(input_ids, doc_ids)
         x = x0 = norm(x)
         ves = [ve(input_ids) for ve in self.value_embeds]
         skips, hidden = [], [x]
@@ -92,6 +97,8 @@ class Speedrun(nn.Module):
 
     def forward(self, input_ids, doc_ids, labels=None, loss_weights=None, window=None, whole_rows=False):
         logits = self.lm_head(self.encode(input_ids, doc_ids, window, whole_rows=whole_rows), self.embed.weight).float()
+        if self.ngram is not None and self.cfg.ngram_to == "logits":
+            logits = logits + self.ngram(input_ids, doc_ids).float()
         if self.cfg.logit_softcap > 0:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return lm_output(logits, labels, loss_weights)

@@ -34,10 +34,14 @@ def document(length, n_mask, seed):
     return ids
 
 
+NGRAMS = dict(ngram_buckets=97, ngram_orders=(1, 2, 4))  # context n-gram embeddings (model/ngram.py)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "varlen"])
-@pytest.mark.parametrize("arch", ["esm2", "speedrun"])
-def test_packed_row_equals_documents_run_alone(arch, impl):
-    model = randomized(tiny(arch, attn_impl=impl))
+@pytest.mark.parametrize("arch, extra", [("esm2", {}), ("speedrun", {}), ("speedrun", NGRAMS),
+                                         ("speedrun", {**NGRAMS, "ngram_to": "logits"})])
+def test_packed_row_equals_documents_run_alone(arch, extra, impl):
+    model = randomized(tiny(arch, attn_impl=impl, **extra))
     # very different <mask> shares per document: ESM2's rescale must be per document
     a, b = document(9, 4, seed=1), document(13, 0, seed=2)
     packed = torch.cat([a, b, torch.ones(2, dtype=torch.long)])[None]

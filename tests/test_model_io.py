@@ -12,9 +12,10 @@ IDS = torch.tensor([[0, 5, 6, 32, 7, 2, 1, 1]])
 DOCS = torch.tensor([[0, 0, 0, 0, 0, 0, -1, -1]])
 
 
-@pytest.mark.parametrize("preset", ["esm2_8m", "sample"])
-def test_save_and_load_give_the_same_model(tmp_path, preset):
-    cfg = get_config(preset, **SMALL)
+@pytest.mark.parametrize("preset, extra", [("esm2_8m", {}), ("sample", {}),
+                                           ("sample", dict(ngram_buckets=64, ngram_orders=(2, 5)))])
+def test_save_and_load_give_the_same_model(tmp_path, preset, extra):
+    cfg = get_config(preset, **SMALL, **extra)
     model = build_model(cfg)
     save_weights(tmp_path / "w.pt", model, cfg)
     cfg2, sd = load_weights(tmp_path / "w.pt")
