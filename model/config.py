@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from model.ngram import MOD as NGRAM_MAX_BUCKETS
+
 ARCHS = ("esm2", "speedrun", "patch_unet")
 ATTN_IMPLS = ("sdpa", "flex", "varlen", "reference")
 # Fields that choose how attention is computed on a device, not what the model is: the weights
@@ -115,8 +117,9 @@ def _validate(c: ModelConfig) -> None:
     need(c.activation in ACTIVATIONS, f"model activation {c.activation!r} is unknown; use one of {ACTIVATIONS}.")
     need(c.norm in NORMS, f"model norm {c.norm!r} is unknown; use one of {NORMS}.")
     need(c.logit_softcap >= 0, f"model logit_softcap={c.logit_softcap} must be >= 0 (0 turns it off).")
-    need(isinstance(c.ngram_buckets, int) and c.ngram_buckets >= 0,
-         f"model ngram_buckets={c.ngram_buckets!r} must be a whole number >= 0 (0 turns n-gram embeddings off).")
+    need(isinstance(c.ngram_buckets, int) and 0 <= c.ngram_buckets <= NGRAM_MAX_BUCKETS,
+         f"model ngram_buckets={c.ngram_buckets!r} must be a whole number from 0 (off) to "
+         f"{NGRAM_MAX_BUCKETS} (the number of values its hash takes, model/ngram.py).")
     need(isinstance(c.ngram_orders, tuple) and len(c.ngram_orders) > 0
          and all(isinstance(k, int) and 1 <= k <= 16 for k in c.ngram_orders),
          f"model ngram_orders={c.ngram_orders!r} must be a non-empty list of context lengths from 1 to 16.")

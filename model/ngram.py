@@ -19,9 +19,12 @@ import torch
 from torch import nn
 
 SENTINEL = 64  # above every token id (the ESM vocabulary has 33)
-_MULT = 131  # the base of the polynomial hash of a k-mer (> SENTINEL, so k-mers do not collide)
-_KIND_SALT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)  # left, right, both
-_MOD = 2**31 - 1  # a prime; every product below stays under 2^63
+# Every intermediate of the hash stays below 2^31, so it is the same in int32 as in int64:
+# neuronx-cc computes int64 as int32 unless told otherwise (--native-int64, Neuron 2.32).
+MOD = 1_048_583  # a prime just above 2^20: a kind of key takes MOD values, so more rows are idle
+_BASE = 131  # of the polynomial hash of a k-mer (> SENTINEL + 1: k-mers of k <= 2 map exactly)
+_MIX = 1021  # joins the left and right hashes, and spreads a key before its salt
+_KIND_SALT = (0x1234567, 0x2345678, 0x3456789)  # left, right, both; each < 2^26
 
 
 def neighbours(input_ids: torch.Tensor, doc_ids: torch.Tensor, offset: int) -> torch.Tensor:
@@ -40,19 +43,19 @@ def neighbours(input_ids: torch.Tensor, doc_ids: torch.Tensor, offset: int) -> t
 
 
 def context_keys(input_ids: torch.Tensor, doc_ids: torch.Tensor, orders: tuple[int, ...]) -> list[torch.Tensor]:
-    """Integer hashes (B, L), three per order (left, right, both), before the bucket modulus."""
+    """Integer keys in [0, 2^31) of input_ids' dtype, (B, L) each, three per order (left,
+    right, both); NgramEmbedding takes them modulo its rows."""
     kmax = max(orders)
-    left = [neighbours(input_ids, doc_ids, -j).long() for j in range(1, kmax + 1)]
-    right = [neighbours(input_ids, doc_ids, j).long() for j in range(1, kmax + 1)]
+    left = [neighbours(input_ids, doc_ids, -j) for j in range(1, kmax + 1)]
+    right = [neighbours(input_ids, doc_ids, j) for j in range(1, kmax + 1)]
     keys, hl, hr = [], torch.zeros_like(left[0]), torch.zeros_like(left[0])
     for k in range(1, kmax + 1):
-        hl = (hl * _MULT + left[k - 1] + 1) % _MOD
-        hr = (hr * _MULT + right[k - 1] + 1) % _MOD
+        hl = (hl * _BASE + left[k - 1] + 1) % MOD  # < 2^20 * 131 + 65 < 2^28
+        hr = (hr * _BASE + right[k - 1] + 1) % MOD
         if k in orders:
-            salt = k * 0x100000001B3
-            keys.append((hl * 7919 + _KIND_SALT[0] + salt) % _MOD)
-            keys.append((hr * 7919 + _KIND_SALT[1] + salt) % _MOD)
-            keys.append(((hl * 1000003 + hr) % _MOD * 7919 + _KIND_SALT[2] + salt) % _MOD)
+            both = (hl * _MIX + hr) % MOD  # < 2^30 + 2^20
+            for h, salt in zip((hl, hr, both), _KIND_SALT):
+                keys.append(h * _MIX + salt + (k << 25))  # < 1.08e9 + 5.5e7 + 5.4e8 < 2^31
     return keys
 
 

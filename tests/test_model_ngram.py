@@ -5,7 +5,7 @@ import torch
 
 from model import build_model
 from model.config import ModelConfig
-from model.ngram import SENTINEL, NgramEmbedding, context_keys, neighbours
+from model.ngram import MOD, SENTINEL, NgramEmbedding, context_keys, neighbours
 from optim.build import build_optimizer
 from optim.config import OptimConfig
 from tests.test_model_architectures import MASK, document, randomized, tiny  # packed = alone: there
@@ -36,6 +36,19 @@ def test_a_key_reads_its_side_only_and_never_the_position_itself():
     assert changed_at(t + 2) == [False, False, False, False, True, True]
     assert changed_at(t - 4) == [False] * 6  # beyond the longest order
     assert len(set(torch.stack(base).tolist())) == 6  # six different keys
+
+
+def test_keys_fit_int32_so_neurons_int64_downcast_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 33, (4, 200), generator=g)
+    docs = torch.randint(0, 3, (4, 200), generator=g).sort(1).values
+    orders = tuple(range(1, 17))  # every order the config allows
+    wide, narrow = context_keys(ids, docs, orders), context_keys(ids.int(), docs.int(), orders)
+    assert all(w.dtype == torch.int64 and n.dtype == torch.int32 for w, n in zip(wide, narrow))
+    assert all(torch.equal(w, n.long()) for w, n in zip(wide, narrow))
+    assert min(int(w.min()) for w in wide) >= 0 and max(int(w.max()) for w in wide) < 2**31
+    with pytest.raises(ValueError, match=str(MOD)):
+        ModelConfig(ngram_buckets=MOD + 1)
 
 
 def test_ngram_embeddings_change_the_model_train_and_route_to_the_embedding_group():

@@ -1,5 +1,4 @@
-"""Context n-gram embeddings on XLA: the 64-bit hash arithmetic and the lookup give the CPU's keys
-and outputs (int64 wraps nowhere: every product stays under 2^63)."""
+"""Context n-gram embeddings on XLA: the hash and the lookup give the CPU's keys and outputs."""
 
 from __future__ import annotations
 
