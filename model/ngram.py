@@ -3,14 +3,15 @@
 Position t reads, for each order k, three keys made of the tokens around it (never its own):
 its left k tokens (t-k .. t-1), its right k tokens (t+1 .. t+k), and both together. Each key is
 hashed into one shared table of `ngram_buckets` rows and the rows are summed into the token
-embedding. A neighbour outside the position's document (another packed document, padding, the
-row's edge) enters every key as one sentinel value, so a packed row gives exactly what its
-documents give alone. A <mask> neighbour enters as itself: a key with a masked neighbour is a
-different key, as the corrupted context is different evidence.
+embedding (or onto the logits: ngram_to). A neighbour outside the position's document (another
+packed document, padding, the row's edge) enters every key as one sentinel value, so a packed row
+gives exactly what its documents give alone. A <mask> neighbour enters as itself: a key with a
+masked neighbour is a different key, as the corrupted context is different evidence.
 
 The table is memory the network can write into cheaply: compute per token is a few lookups,
-whatever the table's size. On data with repeated stretches (homologous proteins) it learns
-"what sits between these neighbours"; on data without repeats it adds little (docs/models.md).
+whatever the table's size. Measured on the sample (BENCHMARKS.md, "The CPU speedrun" #18-#21),
+it memorises train contexts, but little of that reaches validation: a long key survives only
+where none of its neighbours is masked, so the same long key rarely recurs.
 """
 
 from __future__ import annotations
