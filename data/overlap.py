@@ -27,9 +27,9 @@ N_AMINO = 20
 _BASE = np.uint64(1_000_003)  # polynomial hash of a context, wrapping modulo 2^64
 
 
-def contexts(tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hash of the k tokens left and right, the token itself) of every position whose whole
-    +-k window lies inside its document (<cls> and <eos> count as part of it)."""
+def contexts(tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hash of the k tokens left and right, the token itself, its index) of every position
+    whose whole +-k window lies inside its document (<cls> and <eos> count as part of it)."""
     starts, ends = document_bounds(tokens)
     doc = np.repeat(np.arange(len(starts)), ends - starts)
     n = len(tokens)
@@ -41,13 +41,13 @@ def contexts(tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore"):
         for j in range(1, k + 1):  # left and right interleaved: order matters, sides differ
             h = (h * _BASE + t[pos - j] + np.uint64(1)) * _BASE + t[pos + j] + np.uint64(100)
-    return h, tokens[pos].astype(np.int64)
+    return h, tokens[pos].astype(np.int64), pos
 
 
 def overlap(train: np.ndarray, held: np.ndarray, k: int) -> tuple[float, float, int]:
     """(share of held-out positions with a train context, lookup nats over those, their count)."""
-    tk, tt = contexts(train, k)
-    hk, ht = contexts(held, k)
+    tk, tt, _ = contexts(train, k)
+    hk, ht, _ = contexts(held, k)
     if not len(tk) or not len(hk):  # documents shorter than the window: nothing to compare
         return 0.0, float("nan"), 0
     uniq, rank = np.unique(tk, return_inverse=True)  # each train context numbered

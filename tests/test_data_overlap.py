@@ -15,10 +15,10 @@ def shard(seqs):
 
 def test_contexts_stay_inside_documents():
     tokens = shard(["MKV", "AC"])  # <cls>MKV<eos> <cls>AC<eos>
-    keys, residues = contexts(tokens, 1)
+    keys, residues, pos = contexts(tokens, 1)
     # every window of one inside a document: 3 + 2 centres, none across the <eos><cls> seam
     assert residues.tolist() == list(encode("MKV")) + list(encode("AC"))
-    assert len(set(keys.tolist())) == 5
+    assert len(set(keys.tolist())) == 5 and pos.tolist() == [1, 2, 3, 6, 7]
 
 
 def test_a_copied_protein_is_seen_and_predicted_and_a_new_one_is_not():
