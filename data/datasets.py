@@ -89,6 +89,15 @@ def _prepare_sample(target: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def dataset_shards(spec: str, cache_dir: str | os.PathLike | None = None) -> DatasetFiles:
+    """--data's shards for tools that read what is there: a directory as it is (an
+    evaluation-only dataset, without the train shards resolve_dataset requires, works), a name
+    through resolve_dataset. ValueError for a directory holding several datasets."""
+    if spec == "sample" or spec in DOWNLOADS or not Path(spec).is_dir():
+        return resolve_dataset(spec, cache_dir)
+    return find_shards(spec)
+
+
 def resolve_dataset(spec: str, cache_dir: str | os.PathLike | None = None) -> DatasetFiles:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if spec == "sample":

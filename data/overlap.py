@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from data.datasets import DOWNLOADS, find_shards, resolve_dataset
+from data.datasets import dataset_shards
 from data.shards import ShardError, document_bounds, read_shard
 
 SMOOTH = 0.05  # pseudo-count per amino acid of the lookup
@@ -63,6 +62,17 @@ def overlap(train: np.ndarray, held: np.ndarray, k: int) -> tuple[float, float, 
     return float(seen.mean()), float(nll.mean()), int(seen.sum())
 
 
+def read_splits(spec: str, cache: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train tokens, `split` tokens) of dataset `spec`, each split's shards joined in order.
+    FileNotFoundError when either split is missing; ShardError for a bad shard."""
+    files = dataset_shards(spec, cache)
+    held_files = getattr(files, split)
+    if not files.train or not held_files:
+        raise FileNotFoundError(f"--data {spec} needs train and {split} shards.")
+    join = lambda paths: np.concatenate([np.asarray(read_shard(p)) for p in paths])
+    return join(files.train), join(held_files)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="sample", help="sample | omg_prot50 | a shard directory")
@@ -78,13 +88,7 @@ def main(argv=None) -> int:
         print(f"data.overlap: --orders {args.orders!r} must be whole numbers >= 1, e.g. 3,5,8", file=sys.stderr)
         return 2
     try:
-        is_dir = args.data not in ("sample", *DOWNLOADS) and Path(args.data).is_dir()
-        files = find_shards(args.data) if is_dir else resolve_dataset(args.data, args.data_cache)
-        held_files = getattr(files, args.split)
-        if not files.train or not held_files:
-            raise FileNotFoundError(f"--data {args.data} needs train and {args.split} shards.")
-        train = np.concatenate([np.asarray(read_shard(p)) for p in files.train])
-        held = np.concatenate([np.asarray(read_shard(p)) for p in held_files])
+        train, held = read_splits(args.data, args.data_cache, args.split)
     except (ShardError, ValueError, FileNotFoundError) as e:
         print(f"data.overlap: {e}", file=sys.stderr)
         return 2

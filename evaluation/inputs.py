@@ -87,14 +87,11 @@ def load_hf_model(name: str) -> nn.Module:
 
 
 def dataset_files(spec: str, cache: str | None):
-    """--data's shards. A directory is read as it is, so that an evaluation-only dataset (no
-    train shards, which resolve_dataset and training require) can be scored."""
-    from data.datasets import DOWNLOADS, find_shards, resolve_dataset
+    """--data's shards (data.datasets.dataset_shards), its ValueError as a ConfigError."""
+    from data.datasets import dataset_shards
 
-    if spec == "sample" or spec in DOWNLOADS or not Path(spec).is_dir():
-        return resolve_dataset(spec, cache)
     try:
-        return find_shards(spec)
+        return dataset_shards(spec, cache)
     except ValueError as e:  # shards of several datasets in one directory
         raise ConfigError(f"--data {spec}: {e}") from None
 

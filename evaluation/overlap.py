@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from data.benchmark import benchmark_mask_positions
-from data.overlap import contexts
-from data.shards import ShardError, document_bounds, read_shard
+from data.overlap import contexts, read_splits
+from data.shards import ShardError, document_bounds
 from data.tokenizer import EOS, MASK, PAD
 from evaluation.benchmark import BENCH_LENGTH
 
@@ -67,7 +67,7 @@ def loss_by_overlap(model, train: np.ndarray, held: np.ndarray, k: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from evaluation.inputs import dataset_files, load_checkpoint_model
+    from evaluation.inputs import load_checkpoint_model
     from runtime.errors import ConfigError
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,12 +80,7 @@ def main(argv=None) -> int:
     try:
         if args.k < 1:
             raise ConfigError(f"--k {args.k}: the context length must be >= 1, e.g. 8.")
-        files = dataset_files(args.data, args.data_cache)
-        held_files = getattr(files, args.split)
-        if not files.train or not held_files:
-            raise ConfigError(f"--data {args.data} needs train and {args.split} shards.")
-        train = np.concatenate([np.asarray(read_shard(p)) for p in files.train])
-        held = np.concatenate([np.asarray(read_shard(p)) for p in held_files])
+        train, held = read_splits(args.data, args.data_cache, args.split)
         model = load_checkpoint_model(args.checkpoint)
     except (ConfigError, ShardError, ValueError, FileNotFoundError) as e:
         print(f"evaluation.overlap: {e}", file=sys.stderr)
