@@ -34,6 +34,7 @@ from training import checkpoint
 from training.config import ConfigError, doc_multiple, load_config, model_config, optim_config
 from training.data_setup import resolve_data, split_digest
 from training.precompile import kinds_text, precompile, precompile_wanted
+from training.profiling import StepProfiler, parse_steps
 from training.runlog import RunLog, environment
 from training.sinks import make_sink
 
@@ -71,6 +72,12 @@ def train_step(model, batches, optimizer, backend, grad_clip, attn_window=None):
     grad_norm, stepped = backend.optimizer_step(model, optimizer, grad_clip,
                                                 scale=backend.world_size / count.clamp(min=1.0))
     return loss_sum, count, real, grad_norm, stepped
+
+
+def report_profile(paths, log, progress) -> None:
+    if paths:
+        log.message(f"profile: {paths[0]} (open in Perfetto or chrome://tracing); operators by time: {paths[1]}; "
+                    "the profiled steps' times include the profiler's overhead", echo=progress.write)
 
 
 class Stop:
@@ -126,6 +133,8 @@ def _run(cfg, backend) -> int:
     torch.manual_seed(cfg.seed)  # the model is built on the CPU, so every device starts alike
     mcfg = model_config(cfg, **backend.model_defaults())
     backend.check_trainable(mcfg)
+    profile_steps = parse_steps(cfg.profile_steps, cfg.num_steps)
+    activities = backend.profiler_activities() if profile_steps else ()  # a device that cannot: refused here
     ocfg = optim_config(cfg)
     model = build_model(mcfg)
     counts = param_counts(model)
@@ -182,6 +191,8 @@ def _run(cfg, backend) -> int:
         return m
 
     progress = Progress(cfg.num_steps, state["step"], backend.is_main)
+    profiler = StepProfiler(profile_steps, activities, Path(cfg.log_dir) / f"{cfg.log_name}.profile",
+                            backend.rank, backend.sync)
     stop = Stop()
     agreed = {"stop": False}  # set in a step closure, so every rank leaves at the same step
     window = {"start": 0.0, "all": 0}
@@ -235,6 +246,7 @@ def _run(cfg, backend) -> int:
                         "now the diffusion bound per residue (docs/training.md)", echo=progress.write)
         # a fresh 0-d CPU tensor each step: the window reaches the graph as data, never as a constant
         attn_window = torch.tensor(cfg.attn_window_at(state["step"])) if cfg.attn_window else None
+        profiler.before(state["step"] + 1)
         loss_sum, count, real, grad_norm, stepped = train_step(model, batches, optimizer, backend, clip, attn_window)
         if state["step"] + 1 == first_step and precompiling and first_step < end:  # in the warm-up step's time
             runs = precompile(loader, first_step, cfg.grad_accum,
@@ -250,7 +262,8 @@ def _run(cfg, backend) -> int:
         evaluating = step == cfg.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
         on_save_step = cfg.save_every and step % cfg.save_every == 0
         warmup = step == first_step
-        if step % cfg.log_every == 0 or step == end or evaluating or on_save_step or warmup:
+        profiled = step == profiler.last  # logged, so that writing the profile is not train time
+        if step % cfg.log_every == 0 or step == end or evaluating or on_save_step or warmup or profiled:
             votes = torch.full((), int(stop.requested), dtype=torch.long, device=backend.device)
             totals = backend.all_reduce_sum(torch.stack([window_real, votes]))
             loss = backend.all_reduce_sum(loss_sum) / count
@@ -261,6 +274,7 @@ def _run(cfg, backend) -> int:
                                  grad_norm, skipped, in_row, auto.threshold if auto else None)
             window.update(all=0)
             window_real = torch.zeros((), dtype=torch.long, device=backend.device)
+            report_profile(profiler.after(step), log, progress)
             # never save over good checkpoints while steps are being skipped
             saving = on_save_step and not state["skipped_in_row"]
             if evaluating and step < cfg.num_steps:
@@ -268,6 +282,7 @@ def _run(cfg, backend) -> int:
             if saving or (agreed["stop"] and step < cfg.num_steps) or (step == end and step < cfg.num_steps):
                 save()
             window["start"] = time.perf_counter()  # evaluation and checkpoints are not train time
+    report_profile(profiler.close(), log, progress)  # a run that stopped inside the window
     progress.close()
 
     if state["skipped_in_row"] >= cfg.max_skipped_steps:

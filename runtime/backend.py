@@ -113,6 +113,11 @@ class Backend:
         """ModelConfig fields this device prefers (the user's model_args still win)."""
         return {}
 
+    def profiler_activities(self) -> tuple[str, ...]:
+        """What torch.profiler records of this device's work (--profile_steps,
+        training/profiling.py). A device whose work it cannot see refuses in one sentence."""
+        return ("cpu",)
+
     def check_trainable(self, mcfg) -> None:
         """Refuses, in one sentence, a model configuration this device cannot train."""
         if mcfg.attn_impl == "flex" and not self.flex_backward:

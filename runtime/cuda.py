@@ -28,6 +28,9 @@ class CUDABackend(AcceleratorBackend):
         self.device = torch.device("cuda", self.local_rank)
         torch.cuda.set_device(self.device)
 
+    def profiler_activities(self) -> tuple[str, ...]:
+        return ("cpu", "cuda")  # the host's ops and the CUDA kernels they launch
+
     def to_device(self, batch: dict) -> dict:
         # Through pinned memory (PyTorch's caching host allocator), so the copy is asynchronous:
         # from pageable memory a "non_blocking" copy makes the host wait for the device.

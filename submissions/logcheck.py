@@ -180,6 +180,8 @@ def verify(path: str | Path, track: str | None = None, tracks: dict[str, Track] 
     elif claimed and log.config.get("data") != claimed.data:
         fail(None, f"it claims track {claimed.name}, scored on data {claimed.data!r}, but trained and "
                    f"evaluated on data {log.config.get('data')!r}.")
+    if claimed and any(seg.config.get("profile_steps") for seg in log.segments):
+        fail(None, "it was profiled (--profile_steps), which slows the profiled steps; a submission runs unprofiled.")
     if claimed and run is not None:
         check_splits(claimed, log, run, fail)
     if fail.items:

@@ -87,6 +87,18 @@ def test_bf16_autocast_stays_near_fp32_on_cuda(tmp_path, data):
 
 
 @gpu
+def test_profile_steps_records_the_cuda_kernels(tmp_path, data):
+    """--profile_steps on CUDA: the trace holds the GPU's kernels, the table sorts by device time."""
+    import json
+
+    run_train(tmp_path, data, "prof", "--num_steps", "5", "--profile_steps", "3:4", *CUDA, timeout=900)
+    out = tmp_path / "logs" / "prof.profile"
+    events = json.loads((out / "trace_rank0.json").read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)
+    assert "sorted by self_device_time_total" in (out / "ops_rank0.txt").read_text()
+
+
+@gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ddp_and_fsdp2_over_nccl_agree(tmp_path, data):
     two = [*TORCHRUN, "--nproc_per_node=2"]

@@ -327,3 +327,12 @@ def test_a_length_bucketed_log_verifies_with_its_fewer_token_slots(runs, tmp_pat
                as_name="low")
     with pytest.raises(Rejected, match="tokens_all:5000 is not between 5760 and 6144"):
         verify(low)
+
+
+def test_a_profiled_run_is_no_submission(runs, tmp_path):
+    """train.py refuses --profile_steps with a track; a log edited to claim one is caught too."""
+    logs, _ = runs
+    target = max(loss for _, loss in val_losses(logs / "good.txt"))
+    profiled = copy(runs, tmp_path, edit=lambda t: claim_tiny(t).replace("\nprofile_steps: ''\n", "\nprofile_steps: '3:4'\n"))
+    with pytest.raises(Rejected, match=r"profiled \(--profile_steps\)"):
+        verify(profiled, track="tiny", tracks={"tiny": tiny_track(runs, target)})

@@ -455,3 +455,9 @@ def test_the_names_a_trainium_2_or_3_device_may_report():
     """The chips the backend accepts are the rows of hardware.py's table and nothing else."""
     assert [hardware.neuron_chip(n) for n in ("trn2", "TRN3", "NC_v3d", "NC_v4", "trn1", "NC_v2", "")] == [
         "trn2", "trn3", "trn2", "trn3", None, None, None]
+
+
+def test_profiling_is_refused_with_neurons_own_tool_named(fake):
+    with pytest.raises(ConfigError) as e:
+        NeuronBackend(cfg()).profiler_activities()
+    assert all(w in one_sentence(str(e.value)) for w in ["--profile_steps", "--device neuron", "Neuron Explorer"])

@@ -299,3 +299,10 @@ def test_a_process_group_without_a_store_is_refused(monkeypatch):
     monkeypatch.setenv("TORCH_DIST_INIT_BARRIER", "0")
     with pytest.raises(ConfigError, match="unset XLA_USE_DUMMY_STORE"):
         XLABackend(SimpleNamespace(precision="fp32")).init_distributed()
+
+
+def test_profiling_is_refused_with_neurons_own_tool_named():
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--device xla.*Neuron Explorer"):
+        backend().profiler_activities()

@@ -86,6 +86,8 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # "" | "auto" | a checkpoint directory
     wandb: bool = False
+    # "A:B": torch.profiler over optimizer steps A..B, written beside the log (docs/training.md)
+    profile_steps: str = ""
     wandb_project: str = "esm-speedrun"
     # set by load_config, for the log
     config_file: str = ""
@@ -315,6 +317,16 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.track and TRACKS[cfg.track].data != cfg.data:
         raise ConfigError(f"--track {cfg.track} is scored on data {TRACKS[cfg.track].data!r}, not {cfg.data!r}; "
                           f"run with --data {TRACKS[cfg.track].data} or claim no track (--track \"\").")
+    if cfg.profile_steps:
+        from training.profiling import parse_steps
+
+        try:
+            parse_steps(cfg.profile_steps, cfg.num_steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if cfg.track:
+            raise ConfigError(f"--profile_steps slows the steps it watches, so a profiled run cannot claim track "
+                              f"{cfg.track!r}; add --track \"\" to profile.")
     if cfg.resume not in ("", "auto") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume!r} is not a checkpoint directory; use --resume auto or a path under {cfg.checkpoint_dir}/.")
 
