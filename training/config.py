@@ -86,9 +86,9 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # "" | "auto" | a checkpoint directory
     wandb: bool = False
+    wandb_project: str = "esm-speedrun"
     # "A:B": torch.profiler over optimizer steps A..B, written beside the log (docs/training.md)
     profile_steps: str = ""
-    wandb_project: str = "esm-speedrun"
     # set by load_config, for the log
     config_file: str = ""
     # What load_config changed on its own, one log line each: a class attribute, not a field,
