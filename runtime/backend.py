@@ -60,6 +60,7 @@ class Backend:
     flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
     graphs_only = False  # XLA under neuron_parallel_compile: every value read back is 0
     host_batches = False  # the model reads its batches on the host (the CPU): varlen attention
+    profiled_by: tuple[str, ...] = ("cpu",)  # torch.profiler activities (profiler_activities)
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -115,8 +116,13 @@ class Backend:
 
     def profiler_activities(self) -> tuple[str, ...]:
         """What torch.profiler records of this device's work (--profile_steps,
-        training/profiling.py). A device whose work it cannot see refuses in one sentence."""
-        return ("cpu",)
+        training/profiling.py): `profiled_by`. A device whose work it cannot see (XLA, Neuron:
+        `profiled_by = ()`) refuses in one sentence naming Neuron's own tool."""
+        if not self.profiled_by:
+            raise ConfigError(f"--profile_steps uses torch.profiler, which does not see the work of --device "
+                              f"{self.name}; profile Trainium runs with Neuron Explorer instead "
+                              "(docs/trainium.md, \"Profiling\").")
+        return self.profiled_by
 
     def check_trainable(self, mcfg) -> None:
         """Refuses, in one sentence, a model configuration this device cannot train."""

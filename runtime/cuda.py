@@ -18,6 +18,7 @@ class CUDABackend(AcceleratorBackend):
     dist_backend = "nccl"
     compile_default = True
     flex_backward = True
+    profiled_by = ("cpu", "cuda")  # the host's ops and the CUDA kernels they launch
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -27,9 +28,6 @@ class CUDABackend(AcceleratorBackend):
     def _set_device(self) -> None:
         self.device = torch.device("cuda", self.local_rank)
         torch.cuda.set_device(self.device)
-
-    def profiler_activities(self) -> tuple[str, ...]:
-        return ("cpu", "cuda")  # the host's ops and the CUDA kernels they launch
 
     def to_device(self, batch: dict) -> dict:
         # Through pinned memory (PyTorch's caching host allocator), so the copy is asynchronous:

@@ -9,8 +9,3 @@ backends can refuse what a device cannot do without importing the run's configur
 class ConfigError(ValueError):
     """A user mistake in the config, on the command line or in an input file (one sentence)."""
 
-
-# Trainium's work is invisible to plain torch.profiler (trn1: XLA graphs; trn2/trn3: the
-# runtime's own trace): both backends refuse --profile_steps with this sentence.
-TRAINIUM_PROFILER = ("--profile_steps uses torch.profiler, which does not see the work of --device {device}; "
-                     "profile Trainium runs with Neuron Explorer instead (docs/trainium.md, \"Profiling\").")

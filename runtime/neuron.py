@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map_only
 
 from runtime import hardware
 from runtime.accelerator import AcceleratorBackend
-from runtime.errors import TRAINIUM_PROFILER, ConfigError
+from runtime.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")  # bf16_sr (bf16 weights, stochastic rounding) is XLA's
 VISIBLE_CORES = "NEURON_RT_VISIBLE_CORES"
@@ -87,9 +87,7 @@ class NeuronBackend(AcceleratorBackend):
     dist_backend = "neuron"
     # eager mode compiles each op once per shape and dtype, torch.compile each graph per shape
     static_shapes = True
-
-    def profiler_activities(self) -> tuple[str, ...]:
-        raise ConfigError(TRAINIUM_PROFILER.format(device=self.name))
+    profiled_by = ()  # torch.profiler does not see the Neuron runtime's work (Backend.profiler_activities)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_map_only
 from optim.autoclip import AutoClip
 from runtime.backend import Backend, scale_and_clip
 from runtime.backend import _host as _base_host
-from runtime.errors import TRAINIUM_PROFILER, ConfigError
+from runtime.errors import ConfigError
 
 # "bf16" is what the shared config calls bf16_autocast; "bf16_sr" is XLA-only.
 PRECISIONS = ("auto", "fp32", "bf16", "bf16_sr")
@@ -101,9 +101,7 @@ class XLABackend(Backend):
     static_shapes = True
     fused_adamw = False  # no fused AdamW kernel here; a non-finite step is undone with torch.where
     muon_dtype = torch.bfloat16  # Trainium's matmul units are bf16
-
-    def profiler_activities(self) -> tuple[str, ...]:
-        raise ConfigError(TRAINIUM_PROFILER.format(device=self.name))
+    profiled_by = ()  # torch.profiler does not see the XLA graphs' work (Backend.profiler_activities)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
