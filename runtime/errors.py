@@ -8,4 +8,3 @@ backends can refuse what a device cannot do without importing the run's configur
 
 class ConfigError(ValueError):
     """A user mistake in the config, on the command line or in an input file (one sentence)."""
-
