@@ -52,9 +52,9 @@ class Backend:
     fused_adamw = True
     static_shapes = False  # True where every new input shape compiles a new graph (XLA)
     # Muon's Newton-Schulz dtype: fp32 on the CPU. bf16 measured 18-22x slower on a CPU without
-    # bf16 matrix units (AMD EPYC), and on one with AMX 1.2x slower for the sample model's small
-    # matrices, 0.4x for the speedrun preset's (python -m speed.newton_schulz); accelerators
-    # override with bf16.
+    # bf16 units (an AMD EPYC of Zen 3), and for the sample model's small matrices 1.2x slower
+    # with AMX and 0.9x with AVX512_BF16 (an EPYC of Zen 4), 0.4-0.5x for the speedrun preset's
+    # (python -m speed.newton_schulz); accelerators override with bf16.
     muon_dtype = torch.float32
     compile_default = False  # torch.compile when compile is "auto" (on for CUDA)
     flex_backward = False  # flex attention can be trained here (only CUDA has its backward)
@@ -389,9 +389,9 @@ class CPUBackend(Backend):
         return f"{self.name} x{self.world_size} ({hardware.cpu_detail()})"
 
     def notes(self) -> list[str]:
-        if self.dtype is None or hardware.cpu_has_bf16_units():
+        if self.dtype is None or hardware.cpu_bf16_units():
             return []
-        return ["note: precision bf16 on a CPU without bf16 matrix units (AMX): bf16 matmuls run slower "
+        return ["note: precision bf16 on a CPU without bf16 units (AMX or AVX512_BF16): bf16 matmuls run slower "
                 "than fp32 here (BENCHMARKS.md, \"bf16 on the CPU\"); --precision fp32 is faster."]
 
 

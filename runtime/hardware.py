@@ -119,23 +119,32 @@ def neuroncore_peak_flops(chip: str, lnc: int) -> float:
 
 def cpu_detail() -> str:
     """The bracketed part of a CPU run's `device:` line: the processor, torch's threads, and
-    whether it has bf16 matrix units (AMX), which decide whether `--precision bf16` pays on it
+    which bf16 units it has (cpu_bf16_units), which decide whether `--precision bf16` pays on it
     (BENCHMARKS.md, "bf16 on the CPU"). A CPU score is only comparable on the same processor."""
     import torch
 
     name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
-    units = "AMX bf16" if cpu_has_bf16_units() else "no bf16 matrix units"
+    units = cpu_bf16_units() or "no bf16 matrix units"
     return f"{name or platform.processor() or 'unknown processor'}, {torch.get_num_threads()} threads, {units}"
 
 
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU has AMX bf16 tiles (torch's own probe where this torch has one; 2.9 has none)."""
+# The CPU features that run bf16 matmuls in hardware, best first, with the device line's name
+# for each: Intel's AMX tiles, then AVX512_BF16's dot products (Intel Cooper Lake, AMD Zen 4).
+# Without either, oneDNN emulates bf16 and it runs slower than fp32 (BENCHMARKS.md).
+BF16_FEATURES = (("amx_bf16", "AMX bf16"), ("avx512_bf16", "AVX512 bf16"))
+
+
+def cpu_bf16_units() -> str:
+    """The device line's name of this CPU's bf16 units ("AMX bf16", "AVX512 bf16"), or "" where
+    it has none (torch's own probe where this torch has one; 2.9 has none: then /proc/cpuinfo)."""
     import torch
 
     probe = getattr(torch.cpu, "get_capabilities", None)
     if probe is not None:
-        return bool(probe().get("amx_bf16"))
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in _cpuinfo())
+        has = probe()
+        return next((name for flag, name in BF16_FEATURES if has.get(flag)), "")
+    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
+    return next((name for flag, name in BF16_FEATURES if flag in flags), "")
 
 
 def _cpuinfo() -> list[str]:

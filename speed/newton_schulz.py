@@ -5,7 +5,7 @@
 Builds the config's model, takes the matrices Muon updates (build_param_groups), and times one
 optimizer step's worth of orthogonalisation (every matrix once, 5 iterations) in each dtype:
 the median over --reps after one warm-up. This is what set `muon_dtype` per backend (fp32 on the
-CPU, even one with bf16 matrix units: see runtime/backend.py).
+CPU, even one with bf16 units: see runtime/backend.py).
 """
 
 from __future__ import annotations

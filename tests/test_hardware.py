@@ -42,14 +42,19 @@ def test_cost_is_per_accelerator_hour_and_none_when_unpriced():
     assert hardware.usd_per_million(275_900, 3.29) == pytest.approx(0.00331, rel=1e-2)
 
 
+AMX = {"amx_bf16": True, "avx512_bf16": True}  # torch.cpu.get_capabilities() on an Intel Sapphire Rapids
+ZEN4 = {"amx_bf16": False, "avx512_bf16": True}  # on an AMD EPYC of Zen 4
+ZEN3 = {"amx_bf16": False, "avx512_bf16": False}  # on an AMD EPYC of Zen 3: bf16 emulated
+
+
 def test_a_cpu_run_names_its_processor_threads_and_bf16_units(monkeypatch):
     import torch
 
     from runtime.backend import CPUBackend
 
     monkeypatch.setattr(hardware, "_cpuinfo", lambda: ["processor\t: 0", "model name\t: Test CPU 9000"])
-    for amx, units in ((True, "AMX bf16"), (False, "no bf16 matrix units")):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
+    for caps, units in ((AMX, "AMX bf16"), (ZEN4, "AVX512 bf16"), (ZEN3, "no bf16 matrix units")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         line = CPUBackend().describe()
         assert line == f"cpu x1 (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
         assert hardware.hardware_label(line) == f"1x CPU (Test CPU 9000, {torch.get_num_threads()} threads, {units})"
@@ -60,8 +65,9 @@ def test_bf16_on_a_cpu_without_bf16_units_is_advised_against(monkeypatch):
 
     from runtime.backend import CPUBackend
 
-    for precision, amx, advised in (("bf16", False, True), ("bf16", True, False), ("auto", False, False)):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
+    for precision, caps, advised in (("bf16", ZEN3, True), ("bf16", ZEN4, False), ("bf16", AMX, False),
+                                     ("auto", ZEN3, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         notes = CPUBackend(SimpleNamespace(precision=precision)).notes()
         assert bool(notes) == advised and all("--precision fp32" in n for n in notes)
 
@@ -70,6 +76,7 @@ def test_without_torchs_probe_the_bf16_units_come_from_the_cpu_flags(monkeypatch
     import torch
 
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)  # torch 2.9, the XLA lane's
-    for flags, expected in (("fpu avx512f amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", False)):
+    for flags, expected in (("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "AMX bf16"),
+                            ("fpu avx512f avx512_bf16", "AVX512 bf16"), ("fpu avx2 avx512f", "")):
         monkeypatch.setattr(hardware, "_cpuinfo", lambda flags=flags: ["model name\t: X", f"flags\t\t: {flags}"])
-        assert hardware.cpu_has_bf16_units() is expected
+        assert hardware.cpu_bf16_units() == expected
