@@ -52,7 +52,7 @@ class Backend:
     fused_adamw = True
     static_shapes = False  # True where every new input shape compiles a new graph (XLA)
     # Muon's Newton-Schulz dtype: fp32 on the CPU. bf16 measured 18-22x slower on a CPU without
-    # bf16 units (an AMD EPYC of Zen 3), and for the sample model's small matrices 1.2x slower
+    # bf16 units (an AMD EPYC of 2026-11-22), and for the sample model's small matrices 1.2x slower
     # with AMX and 0.9x with AVX512_BF16 (an EPYC of Zen 4), 0.4-0.5x for the speedrun preset's
     # (python -m speed.newton_schulz); accelerators override with bf16.
     muon_dtype = torch.float32
