@@ -141,10 +141,10 @@ def cpu_bf16_units() -> str:
 
     probe = getattr(torch.cpu, "get_capabilities", None)
     if probe is not None:
-        has = probe()
-        return next((name for flag, name in BF16_FEATURES if has.get(flag)), "")
-    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
-    return next((name for flag, name in BF16_FEATURES if flag in flags), "")
+        present = {flag for flag, on in probe().items() if on is True}
+    else:
+        present = set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+    return next((name for flag, name in BF16_FEATURES if flag in present), "")
 
 
 def _cpuinfo() -> list[str]:
